@@ -1,0 +1,65 @@
+"""Tiny CIFAR-10 files in the original `cifar-10-batches-py` pickle layout, and script helpers."""
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def class_images(labels, rng):
+    """Images a small network can learn: each class has its own colour and a bright square."""
+    images = rng.integers(0, 60, size=(len(labels), 3, 32, 32))
+    for index, label in enumerate(labels):
+        images[index, label % 3] += 120
+        row, column = divmod(int(label), 4)
+        images[index, :, 8 * row:8 * row + 8, 8 * column:8 * column + 8] += 70
+    return images.clip(0, 255).astype(np.uint8)
+
+
+def write_cifar10(folder, per_batch=40, test_count=100, seed=0):
+    """Writes data_batch_1..5, test_batch and batches.meta as the official archive lays them out."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]
+    for name in names:
+        count = test_count if name == "test_batch" else per_batch
+        labels = rng.integers(0, 10, size=count)
+        batch = {b"batch_label": name.encode(), b"labels": labels.tolist(),
+                 b"data": class_images(labels, rng).reshape(count, -1),
+                 b"filenames": [f"image_{i}.png".encode() for i in range(count)]}
+        with open(folder / name, "wb") as file:
+            pickle.dump(batch, file)
+    labels = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    with open(folder / "batches.meta", "wb") as file:
+        pickle.dump({b"num_cases_per_batch": per_batch, b"label_names": labels, b"num_vis": 3072}, file)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A folder holding a tiny cifar-10-batches-py: 200 training and 100 test images."""
+    root = tmp_path_factory.mktemp("data")
+    write_cifar10(root / "cifar-10-batches-py")
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_data_dir():
+    """Real CIFAR-10 files from $CIFAR10_DIR; the test is skipped without them."""
+    folder = os.environ.get("CIFAR10_DIR")
+    if not folder or not Path(folder).is_dir():
+        pytest.skip("CIFAR10_DIR does not point at real CIFAR-10 files")
+    return Path(folder)
+
+
+def run_script(*args, env=None):
+    """Runs a script of the repository as a user would; returns the completed process."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)

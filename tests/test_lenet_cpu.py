@@ -1,0 +1,59 @@
+"""lenet_cpu.py: the tutorial network, that it learns, and the files a run writes."""
+
+import json
+import re
+
+import torch
+
+import lenet_cpu
+from conftest import run_script
+
+
+def test_net_is_the_tutorial_lenet():
+    net = lenet_cpu.Net()
+    assert sum(p.numel() for p in net.parameters()) == 62_006
+    assert net(torch.zeros(4, 3, 32, 32)).shape == (4, 10)
+
+
+def test_run_writes_results_and_never_overwrites(data_dir, tmp_path, capsys):
+    arguments = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
+    assert lenet_cpu.main(arguments) == 0
+    output = capsys.readouterr().out
+    assert re.search(r"config_1: Configuration: \{'num_epochs': 1, 'lr': 0.001, 'momentum': 0.9, 'batch_size': 4\} "
+                     r"Final test accuracy: \d+\.\d\d% .*Training time: \d+\.\d\d seconds", output)
+    assert "Accuracy for class: plane is" in output
+    folder = tmp_path / "run_001" / "config_1"
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt", "curves.png", "model.pth", "results.json"]
+    results = json.loads((folder / "results.json").read_text())
+    assert results["status"] == "completed" and results["config"]["batch_size"] == 4
+    assert [sorted(e) for e in results["history"]] == [
+        ["epoch", "seconds", "test_accuracy", "train_accuracy", "train_loss"]]
+    assert results["final_test_accuracy"] == results["history"][-1]["test_accuracy"]
+    assert results["environment"]["torch"] == torch.__version__ and results["environment"]["seed"] == 1
+    state = torch.load(folder / "model.pth")
+    lenet_cpu.Net().load_state_dict(state)  # plain keys, no "module." prefix
+    before = {p: p.read_bytes() for p in folder.iterdir()}
+
+    assert lenet_cpu.main(arguments) == 0
+    assert (tmp_path / "run_002" / "config_1" / "model.pth").exists()
+    assert {p: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_lenet_learns_the_tiny_dataset(data_dir, tmp_path):
+    arguments = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "15", "--lr", "0.01"]
+    assert lenet_cpu.main(arguments) == 0
+    results = json.loads((tmp_path / "run_001" / "config_1" / "results.json").read_text())
+    assert results["final_test_accuracy"] > 60  # chance is 10%
+    assert results["history"][-1]["train_loss"] < results["history"][0]["train_loss"]
+
+
+def test_command_line_error_exits_non_zero(tmp_path):
+    completed = run_script("lenet_cpu.py", "--configs", "2", "--out-dir", tmp_path)
+    assert completed.returncode == 2 and "invalid choice: 2 (choose from 1)" in completed.stderr
+
+
+def test_real_cifar10_two_epochs(real_data_dir, tmp_path):
+    arguments = ["--data-dir", str(real_data_dir), "--out-dir", str(tmp_path), "--epochs", "2"]
+    assert lenet_cpu.main(arguments) == 0
+    results = json.loads((tmp_path / "run_001" / "config_1" / "results.json").read_text())
+    assert results["final_test_accuracy"] > 20  # 28.8% on the 5,000-image subset; chance is 10%
