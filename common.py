@@ -684,13 +684,20 @@ class Experiment:
         self.log(f"{result['name']}: resuming after epoch {state['epoch']}")
         return state["epoch"]
 
+    def annotate(self, result, **figures):
+        """Adds figures measured after training (e.g. a weight norm) to a completed config's results."""
+        if result["status"] != "completed":
+            return
+        result.setdefault("extra", {}).update(figures)
+        if self.is_main:
+            write_json(self.run_dir / result["name"] / "results.json", result)
+
     # -- end of the run --------------------------------------------------------------------------
 
     def finish(self, compare_key=None):
         """Prints the results summary, writes summary.json and the comparison plots; exit status."""
         if self.is_main and self.results:
-            summary = [{key: r.get(key) for key in ("name", "status", "config", "final_test_accuracy",
-                                                    "final_train_accuracy", "train_test_gap", "train_seconds")}
+            summary = [{key: value for key, value in r.items() if key not in ("history", "environment")}
                        for r in self.results]
             write_json(self.run_dir / "summary.json", summary)
             finished = [r for r in self.results if r["history"]]
@@ -714,8 +721,9 @@ def summary_line(result):
     else:
         outcome = (f"Final test accuracy: {result['final_test_accuracy']:.2f}% "
                    f"Train-test gap: {result['train_test_gap']:.2f} points")
+    extra = "".join(f" {key}: {value}" for key, value in result.get("extra", {}).items())
     return (f"{result['name']}: Configuration: {result['config']} {outcome} "
-            f"Training time: {result['train_seconds']:.2f} seconds")
+            f"Training time: {result['train_seconds']:.2f} seconds{extra}")
 
 
 # ----------------------------------------------------------------------------------------------

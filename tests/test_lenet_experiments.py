@@ -1,0 +1,96 @@
+"""lenet_multigpu.py, l2_regularization.py, dropout_regularization.py: configs, outputs, regularization."""
+
+import json
+
+import pytest
+import torch
+import torch.optim as optim
+
+import common
+import dropout_regularization
+import l2_regularization
+import lenet_multigpu
+from lenet_cpu import Net
+
+
+def test_multigpu_configs_are_the_reports_grid():
+    grid = [(c["num_epochs"], c["lr"], c["momentum"], c["batch_size"]) for c in lenet_multigpu.CONFIGS]
+    assert [g[:3] for g in grid[:3]] == [(50, 0.001, 0.9), (100, 0.01, 0.9), (200, 0.001, 0.95)]
+    assert grid[3:] == [(50, 0.001, 0.9, 32), (50, 0.005, 0.9, 64), (50, 0.001, 0.95, 32), (50, 0.001, 0.95, 64),
+                        (50, 0.01, 0.9, 32), (50, 0.01, 0.9, 64), (50, 0.01, 0.9, 512)]
+
+
+@pytest.mark.parametrize("script, key, report", [(l2_regularization, "weight_decay", 1e-4),
+                                                 (dropout_regularization, "dropout_rate", 0.5)])
+def test_regularization_configs_control_then_report(script, key, report):
+    control, reported, *sweep = script.CONFIGS
+    assert control[key] == 0 and reported[key] == report and sweep
+    assert {k: v for k, v in control.items() if k != key} == {k: v for k, v in reported.items() if k != key}
+    assert reported["num_epochs"] == 50 and reported["lr"] == 0.001 and reported["momentum"] == 0.95
+    assert reported["batch_size"] == 64
+
+
+def read_results(folder, name):
+    return json.loads((folder / name / "results.json").read_text())
+
+
+def test_multigpu_runs_configs_and_overlays_their_curves(data_dir, tmp_path, capsys):
+    arguments = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "3", "10", "--epochs", "1",
+                 "--batch-size", "32"]
+    assert lenet_multigpu.main(arguments) == 0
+    run = tmp_path / "run_001"
+    assert (run / "test_accuracy.png").exists()
+    assert [read_results(run, n)["train_seconds"] > 0 for n in ("config_3", "config_10")] == [True, True]
+    output = capsys.readouterr().out
+    assert "training on cpu" in output  # no GPU: the plain model, no DataParallel
+    assert "config_10: Configuration: {'num_epochs': 1, 'lr': 0.01, 'momentum': 0.9, 'batch_size': 32}" in output
+
+
+def test_model_stays_unwrapped_without_gpus(tmp_path):
+    experiment = common.Experiment("lenet_multigpu.py", lenet_multigpu.CONFIGS, "", ["--out-dir", str(tmp_path),
+                                                                                     "--device", "cpu"])
+    assert type(experiment.prepare(Net())) is Net and not experiment.data_parallel
+
+
+@pytest.mark.parametrize("script, key", [(l2_regularization, "weight_decay"), (dropout_regularization, "dropout_rate")])
+def test_regularization_script_reports_the_gap(script, key, data_dir, tmp_path, capsys):
+    arguments = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "1", "2", "--epochs", "2",
+                 "--batch-size", "16"]
+    assert script.main(arguments) == 0
+    run = tmp_path / "run_001"
+    assert (run / "train_vs_test.png").exists() and (run / "test_accuracy.png").exists()
+    for name in ("config_1", "config_2"):
+        results = read_results(run, name)
+        last = results["history"][-1]
+        assert results["final_train_accuracy"] == last["train_eval_accuracy"]
+        assert results["train_test_gap"] == pytest.approx(last["train_eval_accuracy"] - last["test_accuracy"])
+    summary = json.loads((run / "summary.json").read_text())
+    assert [s["config"][key] for s in summary] == [0, script.CONFIGS[1][key]]
+    assert capsys.readouterr().out.count("Train-test gap:") == 2
+
+
+def test_weight_decay_adds_lr_times_wd_times_w_to_each_step():
+    weight = torch.nn.Parameter(torch.tensor([2.0, -4.0]))
+    weight.grad = torch.zeros(2)
+    optim.SGD([weight], lr=0.1, momentum=0.95, weight_decay=0.01).step()
+    assert torch.allclose(weight.detach(), torch.tensor([2.0, -4.0]) * (1 - 0.1 * 0.01))
+
+
+def test_l2_script_leaves_smaller_weights(data_dir, tmp_path):
+    arguments = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "1", "5", "--epochs", "2",
+                 "--batch-size", "16", "--lr", "0.05"]
+    assert l2_regularization.main(arguments) == 0
+    control, decayed = (read_results(tmp_path / "run_001", n)["extra"]["weight_norm"] for n in ("config_1", "config_5"))
+    assert decayed < control
+
+
+def test_dropout_is_active_in_training_only():
+    torch.manual_seed(0)
+    model = dropout_regularization.DropoutNet(0.5)
+    images = torch.randn(8, 3, 32, 32)
+    model.train()
+    assert not torch.equal(model(images), model(images))
+    model.eval()
+    plain = Net()
+    plain.load_state_dict(model.state_dict())
+    assert torch.equal(model(images), plain.eval()(images))
