@@ -280,15 +280,21 @@ def autocast(device):
 
 
 @torch.no_grad()
-def evaluate(model, batches, per_class=False):
-    """Accuracy in percent over every batch (summed over processes); with per_class, also a dict."""
+def evaluate(model, batches, per_class=False, flip_tta=False):
+    """Accuracy in percent over every batch (summed over processes); with per_class, also a dict.
+
+    flip_tta averages the predictions for each image and its mirror image (test-time augmentation).
+    """
     model.eval()
     device = batches.labels.device
     correct = torch.zeros(len(CIFAR10_CLASSES), device=device, dtype=torch.long)
     total = torch.zeros(len(CIFAR10_CLASSES), device=device, dtype=torch.long)
     for images, labels in batches:
         with autocast(device):
-            predicted = model(images).argmax(1)
+            logits = model(images)
+            if flip_tta:
+                logits = logits.softmax(1) + model(images.flip(3)).softmax(1)
+            predicted = logits.argmax(1)
         total += torch.bincount(labels, minlength=len(CIFAR10_CLASSES))
         correct += torch.bincount(labels[predicted == labels], minlength=len(CIFAR10_CLASSES))
     if dist.is_initialized():
