@@ -55,13 +55,16 @@ class Interrupted(ExperimentError):
 
 def run_main(main):
     """Runs `main()` and exits with its status; user errors and Ctrl-C end with one line."""
+    speaks = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 alone
     try:
         status = main()
     except ExperimentError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if speaks:
+            print(f"error: {error}", file=sys.stderr)
         status = error.exit_code
     except KeyboardInterrupt:
-        print("interrupted before training started; nothing was saved", file=sys.stderr)
+        if speaks:
+            print("interrupted before training started; nothing was saved", file=sys.stderr)
         status = Interrupted.exit_code
     finally:
         if dist.is_initialized():
