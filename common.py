@@ -197,9 +197,9 @@ class Batches:
                 f"batch size {batch_size} is larger than the {len(split) // world_size} training images "
                 f"per process; lower --batch-size or raise --subset"
             )
-        mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(std, device=device).view(1, 3, 1, 1)
-        images = (split.images.to(device).float().div_(255) - mean) / std
+        scale = 1 / (255 * torch.tensor(std, device=device).view(1, 3, 1, 1))
+        shift = -torch.tensor(mean, device=device).view(1, 3, 1, 1) / torch.tensor(std, device=device).view(1, 3, 1, 1)
+        images = split.images.to(device).float().mul_(scale).add_(shift)  # (x / 255 - mean) / std, in place
         self.padding = 4 if augment else 0
         self.images = F.pad(images, (self.padding,) * 4, mode="reflect") if augment else images
         self.labels = split.labels.to(device)
@@ -212,30 +212,34 @@ class Batches:
     def set_epoch(self, epoch):
         self.epoch = epoch
 
-    def _indices(self):
+    def _order(self):
+        """This process's image indices for the epoch; None for evaluation in one process (all, in order)."""
         if not self.train:
+            if self.world_size == 1:
+                return None
             return torch.arange(self.rank, len(self.labels), self.world_size, device=self.labels.device)
-        order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        seed = self.seed * 100_003 + self.epoch
+        order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(seed))
         per_rank = len(order) // self.world_size  # equal shards keep DDP processes in step
         return order[self.rank::self.world_size][:per_rank].to(self.labels.device)
 
     def __len__(self):
-        count = len(range(self.rank, len(self.labels), self.world_size)) if not self.train else len(self.labels) // self.world_size
-        batches = count // self.batch_size if self.train else math.ceil(count / self.batch_size)
+        if self.train:
+            batches = len(self.labels) // self.world_size // self.batch_size
+        else:
+            batches = math.ceil(len(range(self.rank, len(self.labels), self.world_size)) / self.batch_size)
         return min(batches, self.max_batches or batches)
 
     def __iter__(self):
-        indices = self._indices()
-        whole = not self.train and self.world_size == 1
-        images = self.images if whole else self.images[indices]
-        labels = self.labels if whole else self.labels[indices]
+        order = self._order()
         self.generator.manual_seed(self.seed * 100_003 + self.epoch + 1)
         for number in range(len(self)):
             batch = slice(number * self.batch_size, (number + 1) * self.batch_size)
-            x = images[batch]
+            index = batch if order is None else order[batch]
+            images = self.images[index]
             if self.augment:
-                x = random_crop_flip(x, x.shape[-1] - 2 * self.padding, self.generator)
-            yield x, labels[batch]
+                images = random_crop_flip(images, images.shape[-1] - 2 * self.padding, self.generator)
+            yield images, self.labels[index]
 
 
 # ----------------------------------------------------------------------------------------------

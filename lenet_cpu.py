@@ -50,7 +50,7 @@ class Net(nn.Module):
 
 def main(argv=None):
     # Batches of 4 images are too small to share between threads or to pay for oneDNN's set-up:
-    # one thread and PyTorch's plain convolution are the fastest CPU step here.
+    # one thread and PyTorch's plain convolution make the fastest CPU step.
     torch.set_num_threads(1)
     torch.backends.mkldnn.enabled = False
     experiment = common.Experiment(__file__, CONFIGS, __doc__, argv, device="cpu", log_interval=2000)

@@ -24,21 +24,24 @@ def class_images(labels, rng):
 
 
 def write_cifar10(folder, per_batch=40, test_count=100, seed=0):
-    """Writes data_batch_1..5, test_batch and batches.meta as the official archive lays them out."""
+    """Writes data_batch_1..5, test_batch and batches.meta with the official archive's names and keys.
+
+    (The official files are Python 2 pickles; these are Python 3 ones, read the same way by
+    common.load_cifar10 and by torchvision.)
+    """
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     names = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]
     for name in names:
         count = test_count if name == "test_batch" else per_batch
         labels = rng.integers(0, 10, size=count)
-        batch = {b"batch_label": name.encode(), b"labels": labels.tolist(),
-                 b"data": class_images(labels, rng).reshape(count, -1),
-                 b"filenames": [f"image_{i}.png".encode() for i in range(count)]}
+        batch = {"batch_label": name, "labels": labels.tolist(), "data": class_images(labels, rng).reshape(count, -1),
+                 "filenames": [f"image_{i}.png" for i in range(count)]}
         with open(folder / name, "wb") as file:
             pickle.dump(batch, file)
-    labels = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    labels = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     with open(folder / "batches.meta", "wb") as file:
-        pickle.dump({b"num_cases_per_batch": per_batch, b"label_names": labels, b"num_vis": 3072}, file)
+        pickle.dump({"num_cases_per_batch": per_batch, "label_names": labels, "num_vis": 3072}, file)
     return folder
 
 
