@@ -339,13 +339,15 @@ def save_torch(path, data):
     atomic_write(path, lambda temporary: torch.save(data, temporary))
 
 
-def _plot(path, panels):
+def _plot(path, panels, same_scale=False):
     """Saves a row of panels, each (title, y label, [(label, epochs, values), ...])."""
     from matplotlib.figure import Figure  # no pyplot: no display, and a faster import
 
     figure = Figure(figsize=(5.5 * len(panels), 4), layout="tight")
+    first = None
     for number, (title, ylabel, lines) in enumerate(panels, 1):
-        axis = figure.add_subplot(1, len(panels), number)
+        axis = figure.add_subplot(1, len(panels), number, sharey=first if same_scale else None)
+        first = first or axis
         for label, epochs, values in lines:
             axis.plot(epochs, values, label=label, marker="." if len(epochs) < 30 else None)
         axis.set(title=title, xlabel="epoch", ylabel=ylabel)
@@ -381,7 +383,7 @@ def plot_train_vs_test(results, path, key):
         lines = [("train (eval mode)", *_series(result, "train_eval_accuracy")),
                  ("test", *_series(result, "test_accuracy"))]
         panels.append((f"{result['name']}: {key}={result['config'][key]}", "accuracy (%)", lines))
-    _plot(path, panels)
+    _plot(path, panels, same_scale=True)
 
 
 # ----------------------------------------------------------------------------------------------
