@@ -197,9 +197,9 @@ class Batches:
                 f"batch size {batch_size} is larger than the {len(split) // world_size} training images "
                 f"per process; lower --batch-size or raise --subset"
             )
-        scale = 1 / (255 * torch.tensor(std, device=device).view(1, 3, 1, 1))
-        shift = -torch.tensor(mean, device=device).view(1, 3, 1, 1) / torch.tensor(std, device=device).view(1, 3, 1, 1)
-        images = split.images.to(device).float().mul_(scale).add_(shift)  # (x / 255 - mean) / std, in place
+        mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        images = split.images.to(device).float().mul_(1 / (255 * std)).sub_(mean / std)  # (x/255 - mean)/std
         self.padding = 4 if augment else 0
         self.images = F.pad(images, (self.padding,) * 4, mode="reflect") if augment else images
         self.labels = split.labels.to(device)
@@ -212,14 +212,18 @@ class Batches:
     def set_epoch(self, epoch):
         self.epoch = epoch
 
+    def _epoch_seed(self):
+        """Depends on the seed and the epoch alone, so a resumed run draws what it would have drawn."""
+        return self.seed * 1_000_003 + self.epoch * 2
+
     def _order(self):
         """This process's image indices for the epoch; None for evaluation in one process (all, in order)."""
         if not self.train:
             if self.world_size == 1:
                 return None
             return torch.arange(self.rank, len(self.labels), self.world_size, device=self.labels.device)
-        seed = self.seed * 100_003 + self.epoch
-        order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(self._epoch_seed())
+        order = torch.randperm(len(self.labels), generator=generator)
         per_rank = len(order) // self.world_size  # equal shards keep DDP processes in step
         return order[self.rank::self.world_size][:per_rank].to(self.labels.device)
 
@@ -232,7 +236,7 @@ class Batches:
 
     def __iter__(self):
         order = self._order()
-        self.generator.manual_seed(self.seed * 100_003 + self.epoch + 1)
+        self.generator.manual_seed(self._epoch_seed() + 1)  # augmentation: its own stream
         for number in range(len(self)):
             batch = slice(number * self.batch_size, (number + 1) * self.batch_size)
             index = batch if order is None else order[batch]
