@@ -57,3 +57,10 @@ def test_real_cifar10_two_epochs(real_data_dir, tmp_path):
     assert lenet_cpu.main(arguments) == 0
     results = json.loads((tmp_path / "run_001" / "config_1" / "results.json").read_text())
     assert results["final_test_accuracy"] > 20  # 28.8% on the 5,000-image subset; chance is 10%
+
+
+def test_dry_run_trains_two_batches_of_one_epoch(data_dir, tmp_path):
+    arguments = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--dry-run"]
+    assert lenet_cpu.main(arguments) == 0
+    results = json.loads((tmp_path / "run_001" / "config_1" / "results.json").read_text())
+    assert len(results["history"]) == 1 and results["environment"]["dry_run"]
