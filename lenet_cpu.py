@@ -10,8 +10,10 @@ work sits in the training loop.
     python lenet_cpu.py --subset 5000 --epochs 2 --data-dir ../shared/data/cifar10-subset
     python benchmarks/lenet_cpu_speed.py       # against the tutorial's DataLoader loop
 
-Measured: see README.md (results table) for test accuracy and wall time; the reference report got
-60% and the tutorial loop itself gets 58-60%.
+Measured on a 2-core CPU (one thread), on the real 5,000 / 1,000-image subset of CIFAR-10: 40.70%
+after 5 epochs, 7.9 s of training. 2 epochs at CIFAR-10's size (the subset repeated): 3.2-3.6x less
+wall time than the tutorial's DataLoader loop, same accuracy (README.md). Full CIFAR-10 has not been
+run here yet; the reference report got 60% and the tutorial loop itself gets 58-60%.
 """
 
 import torch
