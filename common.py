@@ -103,7 +103,7 @@ def load_cifar10(data_dir, download=True):
     a missing folder is downloaded (torchvision checks the archive's md5). Every failure raises
     ExperimentError with what is wrong and how to fix it.
     """
-    data_dir = Path(data_dir)
+    data_dir = Path(data_dir).resolve()
     folder = data_dir if (data_dir / TRAIN_FILES[0]).exists() else data_dir / CIFAR10_FOLDER
     if not folder.is_dir():
         if not download:
@@ -456,32 +456,50 @@ class Experiment:
         self.is_main = self.rank == 0
         self.data_parallel = use_data_parallel(self.device, torch.cuda.device_count(), self.world_size)
         self.results = []
-        out_dir = Path(args.out_dir or Path("modelset") / Path(script).stem)
-        self.run_dir = self._broadcast(self._open_run_dir(out_dir) if self.is_main else None)
+        self.out_dir = Path(args.out_dir or Path("modelset") / Path(script).stem)
+        try:  # an unwritable folder is reported now, not after loading the data
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise self._unwritable(error) from None
+        self._run_dir = self._broadcast(self._latest_run() if self.is_main else None) if args.resume else None
 
     # -- set-up --------------------------------------------------------------------------------
 
-    def _open_run_dir(self, out_dir):
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            runs = sorted((int(p.name[4:]), p) for p in out_dir.glob("run_*") if p.name[4:].isdigit())
-            if self.args.resume:
-                if not runs:
-                    raise ExperimentError(f"--resume: no run to continue in {out_dir}")
-                print(f"resuming {runs[-1][1]}")
-                return runs[-1][1]
-            number = runs[-1][0] + 1 if runs else 1
-            while True:  # mkdir is atomic: two runs started together get different folders
-                try:
-                    run_dir = out_dir / f"run_{number:03d}"
-                    run_dir.mkdir()
-                    print(f"writing to {run_dir}")
-                    return run_dir
-                except FileExistsError:
-                    number += 1
-        except OSError as error:
-            raise ExperimentError(f"cannot write to output folder {out_dir} ({error.strerror}); "
-                                  f"choose another with --out-dir") from None
+    def _unwritable(self, error):
+        return ExperimentError(f"cannot write to output folder {self.out_dir} ({error.strerror}); "
+                               f"choose another with --out-dir")
+
+    def _runs(self):
+        """(number, folder) of the runs already in the output folder, oldest first."""
+        return sorted((int(p.name[4:]), p) for p in self.out_dir.glob("run_*") if p.name[4:].isdigit())
+
+    def _latest_run(self):
+        runs = self._runs()
+        if not runs:
+            raise ExperimentError(f"--resume: no run to continue in {self.out_dir}")
+        print(f"resuming {runs[-1][1]}")
+        return runs[-1][1]
+
+    @property
+    def run_dir(self):
+        """This run's folder, made when training starts: a run that fails before leaves none behind."""
+        if self._run_dir is None:
+            self._run_dir = self._broadcast(self._new_run_dir() if self.is_main else None)
+        return self._run_dir
+
+    def _new_run_dir(self):
+        runs = self._runs()
+        number = runs[-1][0] + 1 if runs else 1
+        while True:  # mkdir is atomic: two runs started together get different folders
+            try:
+                run_dir = self.out_dir / f"run_{number:03d}"
+                run_dir.mkdir()
+                print(f"writing to {run_dir}")
+                return run_dir
+            except FileExistsError:
+                number += 1
+            except OSError as error:
+                raise self._unwritable(error) from None
 
     def _broadcast(self, value):
         if self.world_size > 1:

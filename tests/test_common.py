@@ -68,6 +68,7 @@ def test_script_offline_without_data_ends_with_one_line(tmp_path):
     assert "Traceback" not in completed.stderr
     lines = completed.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: could not download CIFAR-10")
+    assert not list((tmp_path / "out").glob("run_*"))  # no empty run folder is left behind
 
 
 def indexed_split(count):
