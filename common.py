@@ -586,7 +586,8 @@ class Experiment:
         result = {"name": name, "script": self.script, "status": "running", "config": config,
                   "validation": val_batches is not None, "history": [], "environment": self.environment()}
         start = self._restore(folder, config, model, optimizer, scheduler, result)
-        if result["status"] != "running":
+        if result["status"] != "running":  # it ended in the run being resumed
+            self.results.append(result)
             return result
         if self.is_main:
             folder.mkdir(exist_ok=True)
@@ -613,15 +614,15 @@ class Experiment:
                 self._checkpoint(folder, config, model, optimizer, scheduler, result)
         except KeyboardInterrupt:
             result["status"] = "interrupted"
-            self._write_results(folder, result)
+            self._write_results(folder, result, plot=True)
             command = ("the same torchrun command with --resume" if self.world_size > 1 else
                        "python " + shlex.join([*sys.argv] + ([] if self.args.resume else ["--resume"])))
             raise Interrupted(f"interrupted in {name}; its {len(result['history'])} finished epochs are saved "
                               f"in {folder}; continue with: {command}") from None
         if result["status"] == "running":
             result["status"] = "completed"
-            self._finish_config(folder, model, test_batches, train_batches, train_eval_batches, result)
-        self._write_results(folder, result)
+            self._finish_config(folder, model, test_batches, result)
+        self._write_results(folder, result, plot=True)
         self.results.append(result)
         return result
 
@@ -660,28 +661,24 @@ class Experiment:
         images = batch_count * batches.batch_size
         return loss_total / batch_count, 100.0 * correct_total / images, seconds
 
-    def _finish_config(self, folder, model, test_batches, train_batches, train_eval_batches, result):
-        history = result["history"]
-        last = history[-1]
+    def _finish_config(self, folder, model, test_batches, result):
+        last = result["history"][-1]
         if result["validation"]:
             result["final_val_accuracy"] = last["val_accuracy"]
             result["final_test_accuracy"] = evaluate(model, test_batches)
         else:
             result["final_test_accuracy"] = last["test_accuracy"]
-        if "train_eval_accuracy" in last:
-            result["final_train_accuracy"] = last["train_eval_accuracy"]
-        else:
-            result["final_train_accuracy"] = last["train_accuracy"]
+        # eval-mode accuracy on the training images where it was measured, else the running one
+        result["final_train_accuracy"] = last.get("train_eval_accuracy", last["train_accuracy"])
         result["train_test_gap"] = result["final_train_accuracy"] - result["final_test_accuracy"]
-        result["train_seconds"] = sum(entry["seconds"] for entry in history)
         if self.is_main:
             save_torch(folder / "model.pth", unwrap(model).state_dict())
 
-    def _write_results(self, folder, result):
-        result.setdefault("train_seconds", sum(entry["seconds"] for entry in result["history"]))
+    def _write_results(self, folder, result, plot=False):
+        result["train_seconds"] = sum(entry["seconds"] for entry in result["history"])
         if self.is_main:
             write_json(folder / "results.json", result)
-            if result["history"]:
+            if plot and result["history"]:
                 plot_curves(result, folder / "curves.png")
 
     def _checkpoint(self, folder, config, model, optimizer, scheduler, result):
@@ -692,7 +689,7 @@ class Experiment:
                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
                  "rng": _rng_state()}
         save_torch(folder / "checkpoint.pt", state)
-        write_json(folder / "results.json", result)
+        self._write_results(folder, result)
 
     def _restore(self, folder, config, model, optimizer, scheduler, result):
         """With --resume: continues from the config's checkpoint, or skips a config that ended."""
@@ -707,7 +704,6 @@ class Experiment:
             if saved["status"] == "completed":
                 unwrap(model).load_state_dict(torch.load(folder / "model.pth", map_location=self.device))
             result.update(saved)
-            self.results.append(result)
             return 0
         if not (folder / "checkpoint.pt").exists():
             return 0
@@ -726,8 +722,7 @@ class Experiment:
         if result["status"] != "completed":
             return
         result.setdefault("extra", {}).update(figures)
-        if self.is_main:
-            write_json(self.run_dir / result["name"] / "results.json", result)
+        self._write_results(self.run_dir / result["name"], result)
 
     # -- end of the run --------------------------------------------------------------------------
 
