@@ -2,7 +2,7 @@
 
 One process drives all GPUs: DataParallel splits each batch across them (on one GPU or the CPU the
 model runs unwrapped; under torchrun each process gets DistributedDataParallel instead). The whole
-dataset sits on the GPU, so a 50-epoch config takes seconds, not minutes. Every config is timed;
+dataset sits on the GPU, so a 50-epoch config should take seconds, not minutes. Every config is timed;
 the run also plots the test accuracy of all its configs in one PNG (test_accuracy.png).
 
     python lenet_multigpu.py                   # all ten configs, outputs in modelset/lenet_multigpu/
