@@ -348,10 +348,10 @@ def _plot(path, panels, same_scale=False):
     from matplotlib.figure import Figure  # no pyplot: no display, and a faster import
 
     figure = Figure(figsize=(5.5 * len(panels), 4), layout="tight")
-    first = None
+    axes = []
     for number, (title, ylabel, lines) in enumerate(panels, 1):
-        axis = figure.add_subplot(1, len(panels), number, sharey=first if same_scale else None)
-        first = first or axis
+        axis = figure.add_subplot(1, len(panels), number, sharey=axes[0] if same_scale and axes else None)
+        axes.append(axis)
         for label, epochs, values in lines:
             axis.plot(epochs, values, label=label, marker="." if len(epochs) < 30 else None)
         axis.set(title=title, xlabel="epoch", ylabel=ylabel)
