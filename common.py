@@ -1,15 +1,17 @@
-"""Shared mechanics of the CIFAR-10 experiments: data, batches, training loop, command line, outputs.
+"""Helpers shared by the CIFAR-10 experiment scripts: data, batches, evaluation, command line, outputs.
 
-Every experiment script keeps its model, its CONFIGS list and what is special about it; everything
-they have in common lives here, once:
+Each script holds its own experiment (model, CONFIGS, optimizer, the epoch loop, DataParallel and
+the timing) and calls these helpers by name:
 
-- `load_cifar10` reads the original `cifar-10-batches-py` pickle files (downloading them with
+- Data: `load_cifar10` reads the original `cifar-10-batches-py` pickle files (downloading them with
   torchvision when absent) and checks their structure; `Batches` holds a split as one normalized
   tensor on the training device and yields shuffled, optionally augmented batches from it.
-- `Experiment` parses the shared command line, picks the device (DataParallel on several GPUs,
-  DistributedDataParallel under torchrun), creates the run folder and trains each config with
-  `Experiment.train`: per-epoch history, timing, checkpoints, `--resume`, a NaN guard, Ctrl-C.
-- `evaluate`, the plots and the results summary.
+- Training: `train_one_epoch` (the per-batch step several scripts share), `evaluate`, `lr_factor`,
+  `clock` (seconds, after waiting for the GPU), `distributed` (DDP under torchrun).
+- The run: `parse_args` (the shared command line), `Run` (device, run folder, configs, summary) and
+  `Record` (one config's history, checkpoints, --resume, the NaN guard), `run_main` (exit status,
+  Ctrl-C and SIGTERM).
+- Files and pictures: atomic JSON, checkpoint and PNG writes, the curves of a run.
 """
 
 import argparse
@@ -20,6 +22,7 @@ import pickle
 import platform
 import random
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -44,32 +47,59 @@ TEST_FILE = "test_batch"
 class ExperimentError(Exception):
     """A problem the user can fix: printed as one line, without a traceback."""
 
-    exit_code = 1
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (kill, a job scheduler, a container stop), handled like Ctrl-C."""
+
+    signal_number = signal.SIGTERM
 
 
-class Interrupted(ExperimentError):
-    """Ctrl-C: finished epochs are saved, the message says how to resume."""
-
-    exit_code = 130
+def _raise_stopped(signal_number, frame):
+    raise Stopped()
 
 
 def run_main(main):
-    """Runs `main()` and exits with its status; user errors and Ctrl-C end with one line."""
-    speaks = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 alone
+    """Runs `main()` and exits with its status.
+
+    A user error ends with one `error:` line (exit 1). Ctrl-C (exit 130) and SIGTERM (exit 143) mark
+    the config in training as interrupted and say what is saved and how to continue. Under torchrun,
+    rank 0 alone prints.
+    """
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # a run told to ignore SIGTERM keeps ignoring it
+        signal.signal(signal.SIGTERM, _raise_stopped)
+    speaks = int(os.environ.get("RANK", 0)) == 0
+    finished = False
     try:
         status = main()
+        finished = True
     except ExperimentError as error:
         if speaks:
             print(f"error: {error}", file=sys.stderr)
-        status = error.exit_code
-    except KeyboardInterrupt:
+        status = 1
+    except KeyboardInterrupt as interruption:
+        message = Run.active.interrupted() if Run.active else "interrupted before training started; nothing was saved"
         if speaks:
-            print("interrupted before training started; nothing was saved", file=sys.stderr)
-        status = Interrupted.exit_code
+            print(message, file=sys.stderr)
+        status = 128 + getattr(interruption, "signal_number", signal.SIGINT)
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            _leave_process_group(wait_for_the_others=finished)
     sys.exit(status)
+
+
+def _leave_process_group(wait_for_the_others):
+    """Meets the other processes at a barrier, then destroys the process group.
+
+    A gloo worker thread drops its reference to a collective's tensors just after waking the caller,
+    and dropping a tensor that Python also held needs the GIL. DistributedDataParallel keeps the
+    process group and its threads alive past destroy_process_group, so a process that reached
+    interpreter shutdown within moments of its last all_reduce aborted ("terminate called without
+    an active exception"). Waiting at the barrier releases the GIL until every process is done, so
+    those threads finish first. After an error the others may be inside another collective: no wait.
+    """
+    if wait_for_the_others:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,12 +277,12 @@ class Batches:
 
 
 # ----------------------------------------------------------------------------------------------
-# Models, schedules, evaluation
+# Training and evaluation
 
 
-def use_data_parallel(device, gpu_count, world_size=1):
-    """DataParallel only when one process drives several visible GPUs (DDP handles the rest)."""
-    return device.type == "cuda" and gpu_count > 1 and world_size == 1
+def distributed(model, device):
+    """DistributedDataParallel for a process launched by torchrun (one GPU, or the CPU, per process)."""
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def unwrap(model):
@@ -265,29 +295,56 @@ def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def lr_factor(step, total_steps, schedule="constant", warmup_steps=0, steps_per_epoch=1, step_epochs=20, gamma=0.5):
-    """Learning-rate multiplier at optimizer step `step` (0-based) for the named schedule.
-
-    constant; cosine (to 0 after a linear warm-up); linear (warm-up, then linear decay to 0, the
-    one-cycle shape); step (x gamma every `step_epochs` epochs, like StepLR(20, 0.5)).
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    if schedule == "constant":
-        return 1.0
-    if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    if schedule == "linear":
-        return max(0.0, 1 - progress)
-    if schedule == "step":
-        return gamma ** (step // (step_epochs * steps_per_epoch))
-    raise ExperimentError(f"unknown schedule {schedule!r}: use constant, cosine, linear or step")
-
-
 def autocast(device):
     """bf16 autocast on GPUs; full precision on the CPU."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def clock(device):
+    """time.perf_counter() once the GPU has finished the work queued so far."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def sum_over_processes(tensor):
+    """The tensor summed over every torchrun process (itself in a single process)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def train_one_epoch(model, batches, optimizer, criterion, scheduler=None, log_interval=0, epoch=0):
+    """One pass of SGD steps; returns the mean training loss and the training accuracy in percent.
+
+    Each step: forward (bf16 autocast on GPUs), loss, zero_grad, backward, optimizer step and, when
+    given, the per-batch scheduler step. Sums stay on the device, so a GPU is never waited for
+    inside the epoch; with log_interval the running loss is printed as the PyTorch tutorial does.
+    """
+    model.train()
+    device = batches.labels.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    logged_loss = 0.0
+    for number, (images, labels) in enumerate(batches, 1):
+        with autocast(device):
+            outputs = model(images)
+            loss = criterion(outputs, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        loss_sum += loss.detach()
+        correct += (outputs.detach().argmax(1) == labels).sum()
+        if log_interval and number % log_interval == 0 and is_main_process():
+            total = loss_sum.item()
+            print(f"[{epoch + 1}, {number:5d}] loss: {(total - logged_loss) / log_interval:.3f}", flush=True)
+            logged_loss = total
+    count = torch.tensor(float(len(batches)), device=device, dtype=torch.float64)
+    loss_total, correct_total, batch_count = sum_over_processes(
+        torch.stack([loss_sum.double(), correct.double(), count])).tolist()
+    return loss_total / batch_count, 100.0 * correct_total / (batch_count * batches.batch_size)
 
 
 @torch.no_grad()
@@ -308,14 +365,33 @@ def evaluate(model, batches, per_class=False, flip_tta=False):
             predicted = logits.argmax(1)
         total.index_add_(0, labels, torch.ones_like(labels))  # per class, without a GPU sync
         correct.index_add_(0, labels, (predicted == labels).long())
-    if dist.is_initialized():
-        dist.all_reduce(correct)
-        dist.all_reduce(total)
+    sum_over_processes(correct)
+    sum_over_processes(total)
     accuracy = 100.0 * correct.sum().item() / max(1, total.sum().item())
     if not per_class:
         return accuracy
     classes = {name: 100.0 * c / max(1, t) for name, c, t in zip(CIFAR10_CLASSES, correct.tolist(), total.tolist())}
     return accuracy, classes
+
+
+def lr_factor(step, total_steps, schedule="constant", warmup_steps=0, steps_per_epoch=1, step_epochs=20, gamma=0.5):
+    """Learning-rate multiplier at optimizer step `step` (0-based) for the named schedule.
+
+    constant; cosine (to 0 after a linear warm-up); linear (warm-up, then linear decay to 0, the
+    one-cycle shape); step (x gamma every `step_epochs` epochs, like StepLR(20, 0.5)).
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    if schedule == "linear":
+        return max(0.0, 1 - progress)
+    if schedule == "step":
+        return gamma ** (step // (step_epochs * steps_per_epoch))
+    raise ExperimentError(f"unknown schedule {schedule!r}: use constant, cosine, linear or step")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,11 +471,19 @@ def plot_train_vs_test(results, path, key):
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Shows a default only where there is one to show (no "(default: None)")."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
-def build_parser(description, configs, device="auto", log_interval=0):
-    """The command line every script shares; `configs` gives the valid --configs numbers."""
+def parse_args(description, configs, argv=None, device="auto", log_interval=0):
+    """The command line every script shares; `configs` gives the valid --configs numbers.
+
+    --list-configs prints the numbered configs and exits.
+    """
     parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     parser.add_argument("--configs", type=int, nargs="+", metavar="N", choices=range(1, len(configs) + 1),
                         help=f"config numbers to run, 1 to {len(configs)} (default: all)")
@@ -418,88 +502,59 @@ def build_parser(description, configs, device="auto", log_interval=0):
     parser.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
     parser.add_argument("--resume", action="store_true", help="continue the latest run in --out-dir")
     parser.add_argument("--dry-run", action="store_true", help="one epoch of two batches per config")
-    return parser
-
-
-def _positive(parser, args, names):
-    for name in names:
+    args = parser.parse_args(argv)
+    for name in ("epochs", "lr", "batch_size", "subset"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, not {value}")
+    if args.list_configs:
+        for number, config in enumerate(configs, 1):
+            print(f"config_{number}: {config}")
+        raise SystemExit(0)
+    return args
+
+
+def is_main_process():
+    """True except in the torchrun processes of rank > 0, which neither print nor write files."""
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 # ----------------------------------------------------------------------------------------------
-# One run of a script: its configs, device, folder and results
+# One run of a script: its device, folder, configs and results
 
 
-class Experiment:
-    """Parses the command line and trains the chosen configs into a new run folder.
+class Run:
+    """One run of a script: the device, the run folder, the chosen configs and their results.
 
-    The folder is `<out-dir>/run_NNN/` (never an existing one, unless --resume continues the latest);
-    each config writes `config_N/results.json`, `model.pth`, `checkpoint.pt` and `curves.png` there.
-    Under torchrun only rank 0 prints and writes.
+    The folder is `<out-dir>/run_NNN/`, made when the first config starts (never an existing one,
+    unless --resume continues the latest); each config writes `config_N/` there (see `Record`).
+    Under torchrun each process joins the process group; only rank 0 prints and writes.
     """
 
-    def __init__(self, script, configs, description, argv=None, device="auto", log_interval=0,
-                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
-        self.script = Path(script).name
-        self.all_configs = configs
-        parser = build_parser(description, configs, device, log_interval)
-        self.args = args = parser.parse_args(argv)
-        _positive(parser, args, ("epochs", "lr", "batch_size", "subset"))
-        if args.list_configs:
-            for number, config in enumerate(configs, 1):
-                print(f"config_{number}: {config}")
-            raise SystemExit(0)
-        self.mean, self.std = mean, std
+    active = None  # the run in progress, for run_main's interruption message
+
+    def __init__(self, script, args, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+        self.script, self.args, self.mean, self.std = Path(script).name, args, mean, std
         self.rank, self.world_size, self.device = _setup_devices(args.device)
         self.is_main = self.rank == 0
-        self.data_parallel = use_data_parallel(self.device, torch.cuda.device_count(), self.world_size)
-        self.results = []
+        # GPUs this process drives: all visible ones in a single process, its own one under torchrun
+        self.gpu_count = torch.cuda.device_count() if self.device.type == "cuda" and self.world_size == 1 else 1
+        self.records = []
         self.out_dir = Path(args.out_dir or Path("modelset") / Path(script).stem)
         try:  # an unwritable folder is reported now, not after loading the data
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise self._unwritable(error) from None
-        self._run_dir = self._broadcast(self._latest_run() if self.is_main else None) if args.resume else None
-
-    # -- set-up --------------------------------------------------------------------------------
-
-    def _unwritable(self, error):
-        return ExperimentError(f"cannot write to output folder {self.out_dir} ({error.strerror}); "
-                               f"choose another with --out-dir")
-
-    def _runs(self):
-        """(number, folder) of the runs already in the output folder, oldest first."""
-        return sorted((int(p.name[4:]), p) for p in self.out_dir.glob("run_*") if p.name[4:].isdigit())
-
-    def _latest_run(self):
-        runs = self._runs()
-        if not runs:
-            raise ExperimentError(f"--resume: no run to continue in {self.out_dir}")
-        print(f"resuming {runs[-1][1]}")
-        return runs[-1][1]
+            raise _unwritable(self.out_dir, error) from None
+        self._run_dir = self._broadcast(_latest_run_dir(self.out_dir) if self.is_main else None) if args.resume else None
+        self.log(f"training on {self.describe_device()}")
+        Run.active = self
 
     @property
     def run_dir(self):
         """This run's folder, made when training starts: a run that fails before leaves none behind."""
         if self._run_dir is None:
-            self._run_dir = self._broadcast(self._new_run_dir() if self.is_main else None)
+            self._run_dir = self._broadcast(_new_run_dir(self.out_dir) if self.is_main else None)
         return self._run_dir
-
-    def _new_run_dir(self):
-        runs = self._runs()
-        number = runs[-1][0] + 1 if runs else 1
-        while True:  # mkdir is atomic: two runs started together get different folders
-            try:
-                run_dir = self.out_dir / f"run_{number:03d}"
-                run_dir.mkdir()
-                print(f"writing to {run_dir}")
-                return run_dir
-            except FileExistsError:
-                number += 1
-            except OSError as error:
-                raise self._unwritable(error) from None
 
     def _broadcast(self, value):
         if self.world_size > 1:
@@ -512,14 +567,21 @@ class Experiment:
         if self.is_main:
             print(*message, file=sys.stderr if error else sys.stdout, flush=True)
 
-    def configs(self):
+    def describe_device(self):
+        if self.world_size > 1:
+            return f"{self.world_size} torchrun processes ({_device_name(self.device)} in rank {self.rank})"
+        if self.gpu_count > 1:
+            return f"{self.gpu_count} GPUs: " + ", ".join(torch.cuda.get_device_name(i) for i in range(self.gpu_count))
+        return _device_name(self.device)
+
+    def configs(self, configs):
         """Yields (name, config) for each chosen config, command-line overrides applied, seeded."""
         overrides = {"num_epochs": self.args.epochs, "lr": self.args.lr,
                      "momentum": self.args.momentum, "batch_size": self.args.batch_size}
         if self.args.dry_run:
             overrides["num_epochs"] = 1
-        for number in self.args.configs or range(1, len(self.all_configs) + 1):
-            config = dict(self.all_configs[number - 1])
+        for number in self.args.configs or range(1, len(configs) + 1):
+            config = dict(configs[number - 1])
             config.update({key: value for key, value in overrides.items() if value is not None})
             seed_everything(self.args.seed)
             yield f"config_{number}", config
@@ -545,205 +607,87 @@ class Experiment:
                        seed=self.args.seed, rank=self.rank, world_size=self.world_size,
                        max_batches=2 if self.args.dry_run else None)
 
-    def prepare(self, model):
-        """Moves the model to the device (channels_last on GPUs) and wraps it for several GPUs."""
+    def place(self, model):
+        """The model on this run's device (channels_last on GPUs); DistributedDataParallel under torchrun."""
         model = model.to(self.device)
         if self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        if self.world_size > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-            self.log(f"DistributedDataParallel over {self.world_size} processes ({self.device.type})")
-        elif self.data_parallel:
-            model = nn.DataParallel(model)
-            self.log(f"DataParallel over {torch.cuda.device_count()} GPUs: "
-                     + ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())))
-        else:
-            self.log(f"training on {_device_name(self.device)}")
+        return distributed(model, self.device) if self.world_size > 1 else model
+
+    def compile(self, model):
+        """torch.compile(model) with --compile, else the model as it is."""
         return torch.compile(model) if self.args.compile else model
 
-    def environment(self):
-        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        return {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-                "device": _device_name(self.device), "gpus": gpus, "cuda": torch.version.cuda,
-                "cpu_threads": torch.get_num_threads(), "data_parallel": self.data_parallel,
-                "world_size": self.world_size, "compile": self.args.compile, "seed": self.args.seed,
-                "subset": self.args.subset, "dry_run": self.args.dry_run, "command": sys.argv}
+    def record(self, name, config, model, optimizer, scheduler=None, validation=False):
+        """The bookkeeping of one config (see Record); with --resume it continues from the checkpoint."""
+        record = Record(self, name, config, model, optimizer, scheduler, validation)
+        self.records.append(record)
+        return record
 
-    # -- training ------------------------------------------------------------------------------
-
-    def train(self, name, config, model, optimizer, train_batches, test_batches, scheduler=None,
-              criterion=None, val_batches=None, train_eval_batches=None):
-        """Trains `model` for config["num_epochs"] epochs and returns its results dict.
-
-        After every epoch: the test accuracy (the validation accuracy instead when val_batches is
-        given; the test set is then evaluated once, at the end), with train_eval_batches the
-        eval-mode training accuracy, a checkpoint and the results JSON. The scheduler is stepped
-        after every batch. A NaN or infinite loss ends this config with status "diverged".
-        """
-        criterion = criterion or nn.CrossEntropyLoss()
-        folder = self.run_dir / name
-        result = {"name": name, "script": self.script, "status": "running", "config": config,
-                  "validation": val_batches is not None, "history": [], "environment": self.environment()}
-        start = self._restore(folder, config, model, optimizer, scheduler, result)
-        if result["status"] != "running":  # it ended in the run being resumed
-            self.results.append(result)
-            return result
-        if self.is_main:
-            folder.mkdir(exist_ok=True)
-        evaluated = val_batches or test_batches
-        try:
-            for epoch in range(start, config["num_epochs"]):
-                train_batches.set_epoch(epoch)
-                loss, accuracy, seconds = self._train_epoch(model, optimizer, scheduler, criterion,
-                                                            train_batches, epoch)
-                entry = {"epoch": epoch + 1, "train_loss": loss, "train_accuracy": accuracy}
-                if train_eval_batches is not None:
-                    entry["train_eval_accuracy"] = evaluate(model, train_eval_batches)
-                entry["val_accuracy" if val_batches else "test_accuracy"] = evaluate(model, evaluated)
-                entry["seconds"] = seconds
-                result["history"].append(entry)
-                if not math.isfinite(loss):
-                    result["status"] = "diverged"
-                    self.log(f"{name} diverged: the training loss is {loss} in epoch {epoch + 1}; "
-                             f"try a lower learning rate than {config['lr']} (--lr)", error=True)
-                    break
-                self.log(f"{name} epoch {epoch + 1}/{config['num_epochs']}: loss {loss:.3f}, "
-                         f"train {accuracy:.2f}%, {'val' if val_batches else 'test'} "
-                         f"{entry.get('val_accuracy', entry.get('test_accuracy')):.2f}%, {seconds:.1f} s")
-                self._checkpoint(folder, config, model, optimizer, scheduler, result)
-        except KeyboardInterrupt:
-            result["status"] = "interrupted"
-            self._write_results(folder, result, plot=True)
-            command = ("the same torchrun command with --resume" if self.world_size > 1 else
-                       "python " + shlex.join([*sys.argv] + ([] if self.args.resume else ["--resume"])))
-            raise Interrupted(f"interrupted in {name}; its {len(result['history'])} finished epochs are saved "
-                              f"in {folder}; continue with: {command}") from None
-        if result["status"] == "running":
-            result["status"] = "completed"
-            self._finish_config(folder, model, test_batches, result)
-        self._write_results(folder, result, plot=True)
-        self.results.append(result)
-        return result
-
-    def _train_epoch(self, model, optimizer, scheduler, criterion, batches, epoch):
-        model.train()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        logged_loss = 0.0
-        interval = self.args.log_interval
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        for number, (images, labels) in enumerate(batches, 1):
-            with autocast(self.device):
-                outputs = model(images)
-                loss = criterion(outputs, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            loss_sum += loss.detach()
-            correct += (outputs.detach().argmax(1) == labels).sum()
-            if interval and number % interval == 0:  # the tutorial's running loss
-                total = loss_sum.item()
-                self.log(f"[{epoch + 1}, {number:5d}] loss: {(total - logged_loss) / interval:.3f}")
-                logged_loss = total
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
-        totals = torch.stack([loss_sum.double(), correct.double(),
-                              torch.tensor(float(len(batches)), device=self.device, dtype=torch.float64)])
-        if dist.is_initialized():
-            dist.all_reduce(totals)
-        loss_total, correct_total, batch_count = totals.tolist()
-        images = batch_count * batches.batch_size
-        return loss_total / batch_count, 100.0 * correct_total / images, seconds
-
-    def _finish_config(self, folder, model, test_batches, result):
-        last = result["history"][-1]
-        if result["validation"]:
-            result["final_val_accuracy"] = last["val_accuracy"]
-            result["final_test_accuracy"] = evaluate(model, test_batches)
-        else:
-            result["final_test_accuracy"] = last["test_accuracy"]
-        # eval-mode accuracy on the training images where it was measured, else the running one
-        result["final_train_accuracy"] = last.get("train_eval_accuracy", last["train_accuracy"])
-        result["train_test_gap"] = result["final_train_accuracy"] - result["final_test_accuracy"]
-        if self.is_main:
-            save_torch(folder / "model.pth", unwrap(model).state_dict())
-
-    def _write_results(self, folder, result, plot=False):
-        result["train_seconds"] = sum(entry["seconds"] for entry in result["history"])
-        if self.is_main:
-            write_json(folder / "results.json", result)
-            if plot and result["history"]:
-                plot_curves(result, folder / "curves.png")
-
-    def _checkpoint(self, folder, config, model, optimizer, scheduler, result):
-        if not self.is_main:
-            return
-        state = {"config": config, "epoch": len(result["history"]), "history": result["history"],
-                 "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                 "rng": _rng_state()}
-        save_torch(folder / "checkpoint.pt", state)
-        self._write_results(folder, result)
-
-    def _restore(self, folder, config, model, optimizer, scheduler, result):
-        """With --resume: continues from the config's checkpoint, or skips a config that ended."""
-        if not self.args.resume or not (folder / "results.json").exists():
-            return 0
-        saved = json.loads((folder / "results.json").read_text())
-        if saved["config"] != config:
-            raise ExperimentError(f"--resume: {folder} was run with {saved['config']}, not {config}; "
-                                  f"start a new run instead")
-        if saved["status"] in ("completed", "diverged"):
-            self.log(f"{result['name']}: already {saved['status']} in {folder}, skipped")
-            if saved["status"] == "completed":
-                unwrap(model).load_state_dict(torch.load(folder / "model.pth", map_location=self.device))
-            result.update(saved)
-            return 0
-        if not (folder / "checkpoint.pt").exists():
-            return 0
-        state = torch.load(folder / "checkpoint.pt", map_location=self.device, weights_only=False)
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        result["history"] = state["history"]
-        self.log(f"{result['name']}: resuming after epoch {state['epoch']}")
-        return state["epoch"]
-
-    def annotate(self, result, **figures):
-        """Adds figures measured after training (e.g. a weight norm) to a completed config's results."""
-        if result["status"] != "completed":
-            return
-        result.setdefault("extra", {}).update(figures)
-        self._write_results(self.run_dir / result["name"], result)
-
-    # -- end of the run --------------------------------------------------------------------------
+    def interrupted(self):
+        """Marks the config in training as interrupted; the message says what is saved and how to go on."""
+        if self._run_dir is None:
+            return "interrupted before training started; nothing was saved"
+        current = self.records[-1] if self.records and self.records[-1].status == "running" else None
+        saved = [f"{r.name} {r.status}" for r in self.records if r is not current]
+        if current is not None:
+            saved.append(current.mark_interrupted())
+        command = ("the same torchrun command with --resume" if self.world_size > 1 else
+                   "python " + shlex.join([*sys.argv] + ([] if self.args.resume else ["--resume"])))
+        return (f"interrupted; saved in {self.run_dir}: {', '.join(saved) or 'no finished epoch'}; "
+                f"continue with: {command}")
 
     def finish(self, compare_key=None):
-        """Prints the results summary, writes summary.json and the comparison plots; exit status."""
-        if self.is_main and self.results:
+        """Prints the results summary, writes summary.json and the comparison plots; the exit status."""
+        results = [record.result for record in self.records]
+        if self.is_main and results:
             summary = [{key: value for key, value in r.items() if key not in ("history", "environment")}
-                       for r in self.results]
+                       for r in results]
             write_json(self.run_dir / "summary.json", summary)
-            finished = [r for r in self.results if r["history"]]
+            finished = [r for r in results if r["history"]]
             if len(finished) > 1:
                 plot_test_accuracy(finished, self.run_dir / "test_accuracy.png")
             if compare_key and all("train_eval_accuracy" in r["history"][-1] for r in finished):
                 plot_train_vs_test(finished, self.run_dir / "train_vs_test.png", compare_key)
             print(f"\nResults ({self.run_dir}):")
-            for result in self.results:
+            for result in results:
                 print(summary_line(result))
-        failed = [r["name"] for r in self.results if r["status"] != "completed"]
+        failed = [r["name"] for r in results if r["status"] != "completed"]
         if failed:
             self.log(f"not completed: {', '.join(failed)}", error=True)
         return 1 if failed else 0
+
+
+def _unwritable(out_dir, error):
+    return ExperimentError(f"cannot write to output folder {out_dir} ({error.strerror}); choose another with --out-dir")
+
+
+def _runs(out_dir):
+    """(number, folder) of the runs already in the output folder, oldest first."""
+    return sorted((int(p.name[4:]), p) for p in out_dir.glob("run_*") if p.name[4:].isdigit())
+
+
+def _latest_run_dir(out_dir):
+    runs = _runs(out_dir)
+    if not runs:
+        raise ExperimentError(f"--resume: no run to continue in {out_dir}")
+    print(f"resuming {runs[-1][1]}")
+    return runs[-1][1]
+
+
+def _new_run_dir(out_dir):
+    runs = _runs(out_dir)
+    number = runs[-1][0] + 1 if runs else 1
+    while True:  # mkdir is atomic: two runs started together get different folders
+        try:
+            run_dir = out_dir / f"run_{number:03d}"
+            run_dir.mkdir()
+            print(f"writing to {run_dir}")
+            return run_dir
+        except FileExistsError:
+            number += 1
+        except OSError as error:
+            raise _unwritable(out_dir, error) from None
 
 
 def summary_line(result):
@@ -756,6 +700,176 @@ def summary_line(result):
     extra = "".join(f" {key}: {value}" for key, value in result.get("extra", {}).items())
     return (f"{result['name']}: Configuration: {result['config']} {outcome} "
             f"Training time: {result['train_seconds']:.2f} seconds{extra}")
+
+
+class Record:
+    """The results of one config in `<run folder>/config_N/`: history, checkpoint, results.json, curves.
+
+    The script's epoch loop trains the epochs that `epochs()` yields and hands each one's figures to
+    `add_epoch`, which writes results.json and a complete checkpoint (model, optimizer, scheduler,
+    random states, history): an interruption loses at most the epoch in progress. `finish` adds the
+    final figures and model.pth. With --resume the config goes on from its checkpoint, or is skipped
+    when it ended. A NaN or infinite loss ends the config with status "diverged".
+    """
+
+    def __init__(self, run, name, config, model, optimizer, scheduler=None, validation=False):
+        self.run, self.name, self.config = run, name, config
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.folder = run.run_dir / name
+        self.result = {"name": name, "script": run.script, "status": "running", "config": config,
+                       "validation": validation, "history": [], "environment": _environment(run)}
+        self.start_epoch = _restore(self) if run.args.resume else 0
+        if run.is_main:
+            self.folder.mkdir(exist_ok=True)
+
+    @property
+    def status(self):
+        return self.result["status"]
+
+    @property
+    def train_seconds(self):
+        """Seconds spent in training epochs so far (evaluation and checkpoints not counted)."""
+        return sum(entry["seconds"] for entry in self.result["history"])
+
+    def epochs(self):
+        """The 0-based epochs still to train; it stops early when the config diverges."""
+        for epoch in range(self.start_epoch, self.config["num_epochs"]):
+            if self.status != "running":
+                return
+            yield epoch
+
+    def add_epoch(self, train_loss, train_accuracy, seconds, **accuracies):
+        """Records an epoch's figures, prints them and saves the checkpoint and results.json."""
+        history = self.result["history"]
+        history.append({"epoch": len(history) + 1, "train_loss": train_loss, "train_accuracy": train_accuracy,
+                        **accuracies, "seconds": seconds})
+        if not math.isfinite(train_loss):
+            self.result["status"] = "diverged"
+            self.run.log(f"{self.name} diverged: the training loss is {train_loss} in epoch {len(history)}; "
+                         f"try a lower learning rate than {self.config['lr']} (--lr)", error=True)
+            self._write_results(plot=True)
+            return
+        evaluated = "val" if self.result["validation"] else "test"
+        self.run.log(f"{self.name} epoch {len(history)}/{self.config['num_epochs']}: loss {train_loss:.3f}, "
+                     f"train {train_accuracy:.2f}%, {evaluated} {accuracies[evaluated + '_accuracy']:.2f}%, "
+                     f"{seconds:.1f} s")
+        if self.run.is_main:
+            state = {"config": self.config, "epoch": len(history), "history": history,
+                     "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                     "rng": _rng_state()}
+            save_torch(self.folder / "checkpoint.pt", state)
+        self._write_results()
+
+    def finish(self, final_test_accuracy=None, **extra):
+        """After the last epoch: final figures (and `extra` ones), model.pth, results.json, curves.png.
+
+        final_test_accuracy is required after validation epochs (the test set is evaluated once, at
+        the end); otherwise it is the last epoch's. A config that ended before --resume is left as is.
+        """
+        if self.status != "running" or not self.result["history"]:
+            return
+        last = self.result["history"][-1]
+        if self.result["validation"]:
+            self.result["final_val_accuracy"] = last["val_accuracy"]
+        self.result["final_test_accuracy"] = last["test_accuracy"] if final_test_accuracy is None else final_test_accuracy
+        # eval-mode accuracy on the training images where it was measured, else the running one
+        self.result["final_train_accuracy"] = last.get("train_eval_accuracy", last["train_accuracy"])
+        self.result["train_test_gap"] = self.result["final_train_accuracy"] - self.result["final_test_accuracy"]
+        if extra:
+            self.result["extra"] = extra
+        self.result["status"] = "completed"
+        if self.run.is_main:
+            save_torch(self.folder / "model.pth", unwrap(self.model).state_dict())
+        self._write_results(plot=True)
+
+    def mark_interrupted(self):
+        """Saves the interrupted status; returns what is saved, for the interruption message."""
+        self.result["status"] = "interrupted"
+        self._write_results(plot=True)
+        return f"{self.name} after {len(self.result['history'])} of {self.config['num_epochs']} epochs"
+
+    def _write_results(self, plot=False):
+        self.result["train_seconds"] = self.train_seconds
+        if self.run.is_main:
+            write_json(self.folder / "results.json", self.result)
+            if plot and self.result["history"]:
+                plot_curves(self.result, self.folder / "curves.png")
+
+
+def _restore(record):
+    """With --resume: the epoch to continue from, after loading the config's saved state.
+
+    Every file that cannot be used ends the script with one line naming it and what to do; nothing
+    in the run folder is changed before that.
+    """
+    folder, name, config = record.folder, record.name, record.config
+    results_file, checkpoint_file = folder / "results.json", folder / "checkpoint.pt"
+    fix = f"start a new run (without --resume), or delete {folder} to train {name} again"
+    if not results_file.exists():
+        if checkpoint_file.exists():
+            raise ExperimentError(f"--resume: {checkpoint_file} has no results.json beside it; {fix}")
+        return 0
+    try:
+        saved = json.loads(results_file.read_text())
+        status, history, saved_config = saved["status"], saved["history"], saved["config"]
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError) as error:
+        raise ExperimentError(f"--resume: {results_file} is damaged ({type(error).__name__}); {fix}") from None
+    if saved.get("script", record.run.script) != record.run.script:
+        raise ExperimentError(f"--resume: {results_file} was written by {saved['script']}, "
+                              f"not {record.run.script}; {fix}")
+    if saved_config != config:
+        raise ExperimentError(f"--resume: {folder} was run with {saved_config}, not {config}; {fix}")
+    if status in ("completed", "diverged"):
+        record.run.log(f"{name}: already {status} in {folder}, skipped")
+        if status == "completed":
+            _load_state(record, folder / "model.pth", fix, lambda state: unwrap(record.model).load_state_dict(state))
+        record.result.update(saved)
+        return config["num_epochs"]
+    if not checkpoint_file.exists():
+        if history:
+            raise ExperimentError(f"--resume: {results_file} lists {len(history)} epochs but {checkpoint_file} "
+                                  f"is missing; {fix}")
+        return 0
+    state = _load_state(record, checkpoint_file, fix, lambda state: _load_checkpoint(record, state, fix))
+    record.result["history"] = state["history"]
+    record.run.log(f"{name}: resuming after epoch {state['epoch']}")
+    return state["epoch"]
+
+
+def _load_state(record, path, fix, load):
+    """torch.load(path), then load(state); an unreadable file or a state of another model is an error."""
+    try:
+        state = torch.load(path, map_location=record.run.device, weights_only=False)
+    except Exception as error:  # truncated, not a torch file, unpickling error
+        raise ExperimentError(f"--resume: {path} is damaged ({type(error).__name__}); {fix}") from None
+    try:
+        load(state)
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ExperimentError(f"--resume: {path} does not fit {record.name} of {record.run.script} "
+                              f"({reason}); {fix}") from None
+    return state
+
+
+def _load_checkpoint(record, state, fix):
+    if state["config"] != record.config:
+        raise ExperimentError(f"--resume: {record.folder / 'checkpoint.pt'} is of config {state['config']}, "
+                              f"not {record.config}; {fix}")
+    unwrap(record.model).load_state_dict(state["model"])
+    record.optimizer.load_state_dict(state["optimizer"])
+    if record.scheduler is not None:
+        record.scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+
+
+def _environment(run):
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "device": _device_name(run.device), "gpus": gpus, "cuda": torch.version.cuda,
+            "cpu_threads": torch.get_num_threads(), "data_parallel": run.gpu_count > 1,
+            "world_size": run.world_size, "compile": run.args.compile, "seed": run.args.seed,
+            "subset": run.args.subset, "dry_run": run.args.dry_run, "command": sys.argv}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -774,7 +888,8 @@ def _setup_devices(choice):
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
 
 

@@ -15,6 +15,7 @@ weight norm 10.033; config 2 gap 3.22 points, test 42.30%, weight norm 9.995 (13
 """
 
 import torch
+import torch.nn as nn
 import torch.optim as optim
 
 import common
@@ -37,19 +38,33 @@ def weight_norm(model):
 
 
 def main(argv=None):
-    experiment = common.Experiment(__file__, CONFIGS, __doc__, argv)
-    data = experiment.load_data()
-    test_batches = experiment.batches(data.test, 1000)
-    train_eval_batches = experiment.batches(data.train, 1000)  # the training images, in eval mode
-    for name, config in experiment.configs():
-        model = experiment.prepare(Net())
+    args = common.parse_args(__doc__, CONFIGS, argv)
+    run = common.Run(__file__, args)
+    data = run.load_data()
+    test_batches = run.batches(data.test, 1000)
+    train_eval_batches = run.batches(data.train, 1000)  # the training images, in eval mode
+    for name, config in run.configs(CONFIGS):
+        model = run.place(Net())  # on the device; DistributedDataParallel under torchrun
+        if run.gpu_count > 1:
+            model = nn.DataParallel(model)  # one process splits every batch over all visible GPUs
+        model = run.compile(model)
+        criterion = nn.CrossEntropyLoss()
         optimizer = optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
                               weight_decay=config["weight_decay"])  # the L2 penalty
-        train_batches = experiment.batches(data.train, config["batch_size"], train=True)
-        result = experiment.train(name, config, model, optimizer, train_batches, test_batches,
-                                  train_eval_batches=train_eval_batches)
-        experiment.annotate(result, weight_norm=round(weight_norm(model), 3))
-    return experiment.finish(compare_key="weight_decay")
+        train_batches = run.batches(data.train, config["batch_size"], train=True)
+        record = run.record(name, config, model, optimizer)  # with --resume: from the last checkpoint
+        for epoch in record.epochs():
+            train_batches.set_epoch(epoch)
+            started = common.clock(run.device)
+            loss, accuracy = common.train_one_epoch(model, train_batches, optimizer, criterion,
+                                                    log_interval=args.log_interval, epoch=epoch)
+            seconds = common.clock(run.device) - started
+            record.add_epoch(loss, accuracy, seconds,
+                             train_eval_accuracy=common.evaluate(model, train_eval_batches),  # the overfitting
+                             test_accuracy=common.evaluate(model, test_batches))
+        record.finish(weight_norm=round(weight_norm(model), 3))
+        run.log(f"{name}: Training time: {record.train_seconds:.2f} seconds")
+    return run.finish(compare_key="weight_decay")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ wall time than the tutorial's DataLoader loop, same accuracy (README.md). Full C
 run here yet; the reference report got 60% and the tutorial loop itself gets 58-60%.
 """
 
+import os
+import time
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -50,26 +53,60 @@ class Net(nn.Module):
         return self.fc3(x)
 
 
+def train(model, batches, optimizer, criterion, epoch, log_interval):
+    """One epoch of the tutorial's loop; returns the mean loss and the training accuracy in percent."""
+    model.train()
+    running_loss = loss_sum = 0.0
+    correct = 0
+    for i, (inputs, labels) in enumerate(batches):
+        optimizer.zero_grad()
+        outputs = model(inputs)
+        loss = criterion(outputs, labels)
+        loss.backward()
+        optimizer.step()
+        running_loss += loss.item()
+        correct += (outputs.argmax(1) == labels).sum().item()
+        if log_interval and i % log_interval == log_interval - 1:  # the tutorial prints every 2000 batches
+            print(f"[{epoch + 1}, {i + 1:5d}] loss: {running_loss / log_interval:.3f}", flush=True)
+            loss_sum += running_loss
+            running_loss = 0.0
+    loss_sum += running_loss
+    return loss_sum / len(batches), 100.0 * correct / (len(batches) * batches.batch_size)
+
+
 def main(argv=None):
+    args = common.parse_args(__doc__, CONFIGS, argv, device="cpu", log_interval=2000)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise common.ExperimentError("lenet_cpu.py is the single-process tutorial baseline; "
+                                     "run lenet_multigpu.py under torchrun")
     # Batches of 4 images are too small to share between threads or to pay for oneDNN's set-up:
     # one thread and PyTorch's plain convolution make the fastest CPU step.
     torch.set_num_threads(1)
     torch.backends.mkldnn.enabled = False
-    experiment = common.Experiment(__file__, CONFIGS, __doc__, argv, device="cpu", log_interval=2000)
-    data = experiment.load_data()
-    test_batches = experiment.batches(data.test, 1000)
-    for name, config in experiment.configs():
-        model = experiment.prepare(Net())
+    run = common.Run(__file__, args)
+    data = run.load_data()
+    test_batches = run.batches(data.test, 1000)
+    for name, config in run.configs(CONFIGS):
+        model = run.compile(run.place(Net()))
+        criterion = nn.CrossEntropyLoss()
         optimizer = optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
                               fused=True)  # the same update in one kernel
-        train_batches = experiment.batches(data.train, config["batch_size"], train=True)
-        result = experiment.train(name, config, model, optimizer, train_batches, test_batches)
-        if result["status"] == "completed":
+        train_batches = run.batches(data.train, config["batch_size"], train=True)
+        record = run.record(name, config, model, optimizer)  # with --resume: from the last checkpoint
+        for epoch in record.epochs():
+            train_batches.set_epoch(epoch)  # a fresh shuffle every epoch
+            started = time.perf_counter()
+            loss, accuracy = train(model, train_batches, optimizer, criterion, epoch, args.log_interval)
+            seconds = time.perf_counter() - started
+            record.add_epoch(loss, accuracy, seconds, test_accuracy=common.evaluate(model, test_batches))
+        record.finish()
+        if record.status == "completed":
+            print("Finished Training")
             accuracy, per_class = common.evaluate(model, test_batches, per_class=True)
-            experiment.log(f"Accuracy of the network on the {len(data.test)} test images: {accuracy:.2f} %")
+            print(f"Accuracy of the network on the {len(data.test)} test images: {accuracy:.2f} %")
             for label, class_accuracy in per_class.items():
-                experiment.log(f"Accuracy for class: {label:5s} is {class_accuracy:.1f} %")
-    return experiment.finish()
+                print(f"Accuracy for class: {label:5s} is {class_accuracy:.1f} %")
+    return run.finish()
 
 
 if __name__ == "__main__":

@@ -94,35 +94,52 @@ class ResNet18(nn.Module):
         return self.fc(x)
 
 
-def make_training(config, experiment, steps_per_epoch):
-    """The model on the experiment's device, its SGD optimizer and the per-step lr schedule."""
-    model = experiment.prepare(ResNet18())
+def make_optimizer(config, model, steps_per_epoch):
+    """SGD (Nesterov where the config says) and its per-step learning-rate schedule."""
     optimizer = optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
                           nesterov=config["nesterov"], weight_decay=config["weight_decay"])
     schedule = partial(common.lr_factor, total_steps=config["num_epochs"] * steps_per_epoch,
                        schedule=config["schedule"], warmup_steps=round(config["warmup_epochs"] * steps_per_epoch),
                        steps_per_epoch=steps_per_epoch)
-    return model, optimizer, optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return optimizer, optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 def main(argv=None):
-    experiment = common.Experiment(__file__, CONFIGS, __doc__, argv, mean=CIFAR10_MEAN, std=CIFAR10_STD)
-    data = experiment.load_data()
-    test_batches = experiment.batches(data.test, 1000)
-    for name, config in experiment.configs():
+    args = common.parse_args(__doc__, CONFIGS, argv)
+    run = common.Run(__file__, args, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    data = run.load_data()
+    test_batches = run.batches(data.test, 1000)
+    for name, config in run.configs(CONFIGS):
         train_split, val_batches = data.train, None
-        if config["val_fraction"]:
+        if config["val_fraction"]:  # tuning: the test set is evaluated once, at the end
             train_split, val_split = common.split_validation(data.train, config["val_fraction"])
-            val_batches = experiment.batches(val_split, 1000)
-        train_batches = experiment.batches(train_split, config["batch_size"], train=True, augment=config["augment"])
-        model, optimizer, scheduler = make_training(config, experiment, len(train_batches))
+            val_batches = run.batches(val_split, 1000)
+        train_batches = run.batches(train_split, config["batch_size"], train=True, augment=config["augment"])
+        model = run.place(ResNet18())  # channels_last on GPUs; DistributedDataParallel under torchrun
+        if run.gpu_count > 1:
+            model = nn.DataParallel(model)  # one process splits every batch over all visible GPUs
+        model = run.compile(model)
         criterion = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
-        result = experiment.train(name, config, model, optimizer, train_batches, test_batches, scheduler=scheduler,
-                                  criterion=criterion, val_batches=val_batches)
-        # reported apart: test-time augmentation is not the headline accuracy
-        tta = common.evaluate(model, test_batches, flip_tta=True) if result["status"] == "completed" else None
-        experiment.annotate(result, flip_tta_test_accuracy=tta and round(tta, 2))
-    return experiment.finish()
+        optimizer, scheduler = make_optimizer(config, model, len(train_batches))
+        record = run.record(name, config, model, optimizer, scheduler, validation=val_batches is not None)
+        for epoch in record.epochs():
+            train_batches.set_epoch(epoch)
+            started = common.clock(run.device)  # waits for the GPU before reading the time
+            # bf16 autocast on GPUs; the scheduler steps after every batch
+            loss, accuracy = common.train_one_epoch(model, train_batches, optimizer, criterion, scheduler,
+                                                    log_interval=args.log_interval, epoch=epoch)
+            seconds = common.clock(run.device) - started
+            if val_batches:
+                record.add_epoch(loss, accuracy, seconds, val_accuracy=common.evaluate(model, val_batches))
+            else:
+                record.add_epoch(loss, accuracy, seconds, test_accuracy=common.evaluate(model, test_batches))
+        if record.status == "running":  # every epoch trained now: neither diverged nor ended in a resumed run
+            # reported apart: test-time augmentation is not the headline accuracy
+            tta = round(common.evaluate(model, test_batches, flip_tta=True), 2)
+            record.finish(final_test_accuracy=common.evaluate(model, test_batches) if val_batches else None,
+                          flip_tta_test_accuracy=tta)
+        run.log(f"{name}: Training time: {record.train_seconds:.2f} seconds")
+    return run.finish()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Training speed of resnet18.py's config 5 on the device at hand: images/s and seconds per epoch.
 
-Runs the real training loop (common.Experiment.train: the data and its crop/flip augmentation on the
-device, bf16 autocast and channels_last on GPUs) over random images. The first epoch includes the
+Times the training step resnet18.py uses (common.train_one_epoch: the data and its crop/flip
+augmentation on the device, bf16 autocast and channels_last on GPUs) over random images. The first epoch includes the
 warm-up (and compilation with --compile) and is reported apart from the steady epochs.
 
     python benchmarks/resnet18_speed.py                  # 50,000 images, as CIFAR-10
@@ -41,20 +41,22 @@ def main():
     with tempfile.TemporaryDirectory() as out_dir:
         argv = ["--configs", str(CONFIG), "--device", args.device, "--epochs", str(args.epochs),
                 "--batch-size", str(args.batch_size), "--out-dir", out_dir] + (["--compile"] if args.compile else [])
-        experiment = common.Experiment("resnet18.py", resnet18.CONFIGS, "", argv,
-                                       mean=resnet18.CIFAR10_MEAN, std=resnet18.CIFAR10_STD)
-        name, config = next(experiment.configs())
-        train_batches = experiment.batches(split, config["batch_size"], train=True, augment=config["augment"])
-        test_batches = experiment.batches(split.head(1000), 1000)
-        model, optimizer, scheduler = resnet18.make_training(config, experiment, len(train_batches))
-        criterion = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
-        result = experiment.train(name, config, model, optimizer, train_batches, test_batches,
-                                  scheduler=scheduler, criterion=criterion)
-    seconds = [entry["seconds"] for entry in result["history"]]
+        run = common.Run("resnet18.py", common.parse_args("", resnet18.CONFIGS, argv),
+                         mean=resnet18.CIFAR10_MEAN, std=resnet18.CIFAR10_STD)
+        _, config = next(run.configs(resnet18.CONFIGS))
+    train_batches = run.batches(split, config["batch_size"], train=True, augment=config["augment"])
+    model = run.compile(run.place(resnet18.ResNet18()))
+    optimizer, scheduler = resnet18.make_optimizer(config, model, len(train_batches))
+    criterion = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
+    seconds = []
+    for epoch in range(args.epochs):
+        train_batches.set_epoch(epoch)
+        started = common.clock(run.device)
+        common.train_one_epoch(model, train_batches, optimizer, criterion, scheduler)
+        seconds.append(common.clock(run.device) - started)
     steady = statistics.median(seconds[1:])
     images_per_second = len(train_batches) * config["batch_size"] / steady
-    print(f"\ndevice: {result['environment']['device']}, batch size {config['batch_size']}, "
-          f"compile: {args.compile}")
+    print(f"\ndevice: {run.describe_device()}, batch size {config['batch_size']}, compile: {args.compile}")
     print(f"first epoch (warm-up): {seconds[0]:.2f} s; steady: {images_per_second:,.0f} training images/s, "
           f"{steady:.2f} s per epoch of {args.images:,} images")
     epochs = resnet18.CONFIGS[CONFIG - 1]["num_epochs"]

@@ -150,42 +150,52 @@ def test_step_schedule_halves_every_twenty_epochs():
     assert factor == [1.0, 1.0, 0.5, 0.25]
 
 
-def test_data_parallel_only_for_one_process_with_several_gpus():
-    assert common.use_data_parallel(torch.device("cuda"), 4)
-    assert not common.use_data_parallel(torch.device("cuda"), 1)
-    assert not common.use_data_parallel(torch.device("cpu"), 4)
-    assert not common.use_data_parallel(torch.device("cuda"), 4, world_size=4)
-
-
 CONFIGS = [dict(num_epochs=1, lr=0.1, momentum=0.9, batch_size=4), dict(num_epochs=2, lr=0.2, momentum=0.9, batch_size=4)]
 
 
-def test_unknown_config_number_is_an_error_listing_the_valid_ones(capsys, tmp_path):
+def test_unknown_config_number_is_an_error_listing_the_valid_ones(capsys):
     with pytest.raises(SystemExit) as exit:
-        common.Experiment("x.py", CONFIGS, "test", ["--configs", "3", "--out-dir", str(tmp_path)])
+        common.parse_args("test", CONFIGS, ["--configs", "3"])
     assert exit.value.code == 2
     assert "invalid choice: 3 (choose from 1, 2)" in capsys.readouterr().err
 
 
+def new_run(tmp_path, *argv):
+    return common.Run("x.py", common.parse_args("test", CONFIGS, ["--out-dir", str(tmp_path), *argv]))
+
+
 def test_overrides_apply_to_the_chosen_configs(tmp_path):
-    experiment = common.Experiment("x.py", CONFIGS, "test",
-                                   ["--configs", "2", "--epochs", "7", "--lr", "0.5", "--out-dir", str(tmp_path)])
-    assert list(experiment.configs()) == [("config_2", dict(num_epochs=7, lr=0.5, momentum=0.9, batch_size=4))]
+    run = new_run(tmp_path, "--configs", "2", "--epochs", "7", "--lr", "0.5")
+    assert list(run.configs(CONFIGS)) == [("config_2", dict(num_epochs=7, lr=0.5, momentum=0.9, batch_size=4))]
 
 
 def test_list_configs(capsys):
     with pytest.raises(SystemExit) as exit:
-        common.Experiment("x.py", CONFIGS, "test", ["--list-configs"])
+        common.parse_args("test", CONFIGS, ["--list-configs"])
     assert exit.value.code == 0
     assert capsys.readouterr().out.splitlines()[1] == f"config_2: {CONFIGS[1]}"
+
+
+def test_help_shows_each_default_once_and_no_none(capsys):
+    with pytest.raises(SystemExit):
+        common.parse_args("test", CONFIGS, ["--help"])
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert text.count("(default: all)") == 1 and "(default: ./data)" in text and "(default: 1)" in text
 
 
 def test_unwritable_output_folder_is_a_clear_error(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(common.ExperimentError, match="cannot write to output folder"):
-        common.Experiment("x.py", CONFIGS, "test", ["--out-dir", str(tmp_path / "file" / "out")])
+        new_run(tmp_path / "file" / "out")
 
 
 def test_each_run_gets_a_new_folder(tmp_path):
-    folders = [common.Experiment("x.py", CONFIGS, "test", ["--out-dir", str(tmp_path)]).run_dir for _ in range(2)]
+    folders = [new_run(tmp_path).run_dir for _ in range(2)]
     assert [f.name for f in folders] == ["run_001", "run_002"]
+
+
+def test_model_stays_unwrapped_on_the_cpu(tmp_path):
+    run = new_run(tmp_path, "--device", "cpu")
+    model = torch.nn.Linear(2, 2)
+    assert run.place(model) is model and run.gpu_count == 1 and run.world_size == 1

@@ -22,7 +22,7 @@ def test_two_processes_write_one_result_with_world_size_two(data_dir, tmp_path):
     result = json.loads(results[0].read_text())
     assert result["environment"]["world_size"] == 2 and result["status"] == "completed"
     assert completed.stdout.count("Final test accuracy") == 1  # only rank 0 prints
-    assert "DistributedDataParallel over 2 processes (cpu)" in completed.stdout
+    assert "training on 2 torchrun processes" in completed.stdout
     # each process evaluated half of the test set; together they count every image once
     model = Net()
     model.load_state_dict(torch.load(results[0].parent / "model.pth"))

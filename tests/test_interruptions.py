@@ -65,24 +65,31 @@ def test_resume_skips_finished_configs_and_refuses_changed_ones(data_dir, tmp_pa
 
 def test_resume_without_a_run_is_a_clear_error(tmp_path):
     with pytest.raises(common.ExperimentError, match="no run to continue"):
-        common.Experiment("x.py", [dict(num_epochs=1)], "", ["--out-dir", str(tmp_path), "--resume"])
+        common.Run("x.py", common.parse_args("", [dict(num_epochs=1)], ["--out-dir", str(tmp_path), "--resume"]))
 
 
 def test_diverging_config_is_marked_and_the_next_one_runs(data_dir, tmp_path, capsys):
     configs = [dict(num_epochs=3, lr=1e6, momentum=0.9, batch_size=8),
                dict(num_epochs=1, lr=0.001, momentum=0.9, batch_size=8)]
-    experiment = common.Experiment("x.py", configs, "", ["--data-dir", str(data_dir), "--out-dir", str(tmp_path)])
-    data = experiment.load_data()
-    test_batches = experiment.batches(data.test, 100)
-    for name, config in experiment.configs():
-        model = experiment.prepare(lenet_cpu.Net())
+    run = common.Run("x.py", common.parse_args("", configs, ["--data-dir", str(data_dir), "--out-dir", str(tmp_path)]))
+    data = run.load_data()
+    test_batches = run.batches(data.test, 100)
+    trained_epochs = []
+    for name, config in run.configs(configs):
+        model = run.place(lenet_cpu.Net())
         optimizer = optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"])
-        experiment.train(name, config, model, optimizer,
-                         experiment.batches(data.train, config["batch_size"], train=True), test_batches)
-    assert experiment.finish() == 1
+        train_batches = run.batches(data.train, config["batch_size"], train=True)
+        record = run.record(name, config, model, optimizer)
+        for epoch in record.epochs():
+            trained_epochs.append((name, epoch))
+            loss, accuracy = common.train_one_epoch(model, train_batches, optimizer, torch.nn.CrossEntropyLoss())
+            record.add_epoch(loss, accuracy, 0.1, test_accuracy=common.evaluate(model, test_batches))
+        record.finish()
+    assert run.finish() == 1
+    assert trained_epochs == [("config_1", 0), ("config_2", 0)]  # no epoch after the divergence
     error = capsys.readouterr().err
     assert "config_1 diverged: the training loss is nan in epoch 1; try a lower learning rate than 1000000.0" in error
-    run = tmp_path / "run_001"
-    diverged = json.loads((run / "config_1" / "results.json").read_text())
+    run_dir = tmp_path / "run_001"
+    diverged = json.loads((run_dir / "config_1" / "results.json").read_text())
     assert diverged["status"] == "diverged" and len(diverged["history"]) == 1
-    assert json.loads((run / "config_2" / "results.json").read_text())["status"] == "completed"
+    assert json.loads((run_dir / "config_2" / "results.json").read_text())["status"] == "completed"

@@ -28,9 +28,8 @@ def test_configs_hold_the_reports_four_then_the_modern_recipe():
     assert modern["weight_decay"] > 0 and modern["label_smoothing"] > 0 and modern["warmup_epochs"] > 0
 
 
-def learning_rates(config, steps_per_epoch, tmp_path):
-    experiment = common.Experiment("resnet18.py", resnet18.CONFIGS, "", ["--out-dir", str(tmp_path)])
-    _, optimizer, scheduler = resnet18.make_training(config, experiment, steps_per_epoch)
+def learning_rates(config, steps_per_epoch):
+    optimizer, scheduler = resnet18.make_optimizer(config, nn.Linear(2, 2), steps_per_epoch)
     rates = []
     for _ in range(config["num_epochs"] * steps_per_epoch):
         rates.append(optimizer.param_groups[0]["lr"])
@@ -39,9 +38,9 @@ def learning_rates(config, steps_per_epoch, tmp_path):
     return rates
 
 
-def test_modern_schedule_warms_up_then_decays_to_zero(tmp_path):
+def test_modern_schedule_warms_up_then_decays_to_zero():
     config = resnet18.CONFIGS[4]
-    rates = learning_rates(config, 10, tmp_path)
+    rates = learning_rates(config, 10)
     warmup = config["warmup_epochs"] * 10
     assert rates[0] == pytest.approx(config["lr"] / warmup)
     assert rates[warmup - 1] == pytest.approx(config["lr"]) == max(rates)
@@ -50,9 +49,9 @@ def test_modern_schedule_warms_up_then_decays_to_zero(tmp_path):
     assert rates[-1] < config["lr"] / 100
 
 
-def test_step_schedule_halves_every_twenty_epochs(tmp_path):
+def test_step_schedule_halves_every_twenty_epochs():
     config = resnet18.CONFIGS[6]
-    rates = learning_rates(config, 3, tmp_path)
+    rates = learning_rates(config, 3)
     assert [rates[epoch * 3] for epoch in (0, 19, 20, 39)] == pytest.approx([0.01, 0.01, 0.005, 0.005])
 
 
