@@ -68,10 +68,8 @@ def run_main(main):
     if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # a run told to ignore SIGTERM keeps ignoring it
         signal.signal(signal.SIGTERM, _raise_stopped)
     speaks = int(os.environ.get("RANK", 0)) == 0
-    finished = False
     try:
         status = main()
-        finished = True
     except ExperimentError as error:
         if speaks:
             print(f"error: {error}", file=sys.stderr)
@@ -81,25 +79,25 @@ def run_main(main):
         if speaks:
             print(message, file=sys.stderr)
         status = 128 + getattr(interruption, "signal_number", signal.SIGINT)
-    finally:
-        if dist.is_initialized():
-            _leave_process_group(wait_for_the_others=finished)
+    if dist.is_initialized():
+        _exit_torchrun_process(status)
     sys.exit(status)
 
 
-def _leave_process_group(wait_for_the_others):
-    """Meets the other processes at a barrier, then destroys the process group.
+def _exit_torchrun_process(status):
+    """Leaves the process group and ends the process without Python's interpreter shutdown.
 
-    A gloo worker thread drops its reference to a collective's tensors just after waking the caller,
-    and dropping a tensor that Python also held needs the GIL. DistributedDataParallel keeps the
-    process group and its threads alive past destroy_process_group, so a process that reached
-    interpreter shutdown within moments of its last all_reduce aborted ("terminate called without
-    an active exception"). Waiting at the barrier releases the GIL until every process is done, so
-    those threads finish first. After an error the others may be inside another collective: no wait.
+    DistributedDataParallel keeps the gloo process group, and its worker threads, alive past
+    destroy_process_group (a reference held in C++). A worker thread drops its reference to a
+    collective's tensors just after waking the caller, and dropping a tensor that Python also held
+    takes the GIL; during interpreter shutdown that kills the thread inside a noexcept destructor,
+    so the process aborted ("terminate called without an active exception") whenever it reached
+    shutdown within moments of its last collective. Every file is written and closed by now.
     """
-    if wait_for_the_others:
-        dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -839,6 +837,8 @@ def _restore(record):
 
 def _load_state(record, path, fix, load):
     """torch.load(path), then load(state); an unreadable file or a state of another model is an error."""
+    if not path.is_file():
+        raise ExperimentError(f"--resume: {path} is missing; {fix}")
     try:
         state = torch.load(path, map_location=record.run.device, weights_only=False)
     except Exception as error:  # truncated, not a torch file, unpickling error

@@ -19,7 +19,9 @@ def history(folder):
     return json.loads((folder / "results.json").read_text())["history"]
 
 
-def test_ctrl_c_then_resume_matches_an_uninterrupted_run(data_dir, tmp_path):
+@pytest.mark.parametrize("signal_number, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_then_resume_matches_an_uninterrupted_run(signal_number, status, data_dir, tmp_path):
+    """Ctrl-C and SIGTERM (kill, job schedulers) alike: epochs saved, one resume line, same result."""
     arguments = ["--data-dir", str(data_dir), "--epochs", "30", "--log-interval", "0"]
     assert lenet_cpu.main([*arguments, "--out-dir", str(tmp_path / "straight")]) == 0
 
@@ -30,9 +32,9 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(data_dir, tmp_path):
     while not ((folder / "results.json").exists() and len(history(folder)) >= 2):
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signal_number)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130
+    assert process.returncode == status
     assert "Traceback" not in stderr
     message = stderr.strip().splitlines()
     assert len(message) == 1 and "continue with: python lenet_cpu.py" in message[0] and message[0].endswith("--resume")
@@ -93,3 +95,121 @@ def test_diverging_config_is_marked_and_the_next_one_runs(data_dir, tmp_path, ca
     diverged = json.loads((run_dir / "config_1" / "results.json").read_text())
     assert diverged["status"] == "diverged" and len(diverged["history"]) == 1
     assert json.loads((run_dir / "config_2" / "results.json").read_text())["status"] == "completed"
+
+
+def test_ctrl_c_after_the_last_epoch_says_what_is_saved(data_dir, tmp_path, monkeypatch, capsys):
+    arguments = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
+
+    def interrupted_summary(result):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "summary_line", interrupted_summary)
+    with pytest.raises(SystemExit) as exit:
+        common.run_main(lambda: lenet_cpu.main(arguments))
+    assert exit.value.code == 130
+    message = capsys.readouterr().err.strip()
+    assert "nothing was saved" not in message and f"saved in {tmp_path / 'run_001'}: config_1 completed" in message
+    assert message.endswith("--resume")
+    monkeypatch.undo()
+    assert lenet_cpu.main([*arguments, "--resume"]) == 0
+    assert "config_1: already completed" in capsys.readouterr().out
+
+
+def test_ctrl_c_in_the_final_evaluation_keeps_the_epochs_for_resume(data_dir, tmp_path, monkeypatch, capsys):
+    import resnet18
+
+    arguments = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "5", "--subset", "64",
+                 "--epochs", "1", "--batch-size", "32"]
+    evaluate = common.evaluate
+
+    def interrupted_tta(model, batches, per_class=False, flip_tta=False):
+        if flip_tta:
+            raise KeyboardInterrupt
+        return evaluate(model, batches, per_class)
+
+    monkeypatch.setattr(common, "evaluate", interrupted_tta)
+    with pytest.raises(SystemExit) as exit:
+        common.run_main(lambda: resnet18.main(arguments))
+    assert exit.value.code == 130
+    assert "config_5 after 1 of 1 epochs" in capsys.readouterr().err
+    folder = tmp_path / "run_001" / "config_5"
+    assert json.loads((folder / "results.json").read_text())["status"] == "interrupted"
+    monkeypatch.undo()
+    assert resnet18.main([*arguments, "--resume"]) == 0
+    assert "config_5: resuming after epoch 1" in capsys.readouterr().out
+    results = json.loads((folder / "results.json").read_text())
+    assert results["status"] == "completed" and len(results["history"]) == 1
+    assert "flip_tta_test_accuracy" in results["extra"]
+
+
+def interrupted_run(data_dir, tmp_path):
+    """A finished one-epoch lenet_cpu run made to look interrupted after its epoch: its arguments and folder."""
+    arguments = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
+    assert lenet_cpu.main(arguments) == 0
+    folder = tmp_path / "run_001" / "config_1"
+    results = json.loads((folder / "results.json").read_text())
+    results["status"] = "interrupted"
+    (folder / "results.json").write_text(json.dumps(results))
+    (folder / "model.pth").unlink()
+    return [*arguments, "--resume"], folder
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def replace_checkpoint(path, **changes):
+    state = torch.load(path, weights_only=False)
+    torch.save({**state, **changes}, path)
+
+
+DAMAGES = {
+    "checkpoint cut short": (lambda folder: truncate(folder / "checkpoint.pt"), "checkpoint.pt is damaged"),
+    "results cut short": (lambda folder: truncate(folder / "results.json"), "results.json is damaged"),
+    "results not a run's": (lambda folder: (folder / "results.json").write_text("[1, 2]"), "results.json is damaged"),
+    "checkpoint of another config": (lambda folder: replace_checkpoint(folder / "checkpoint.pt", config={"lr": 1}),
+                                     "checkpoint.pt is of config"),
+    "checkpoint of another model": (lambda folder: replace_checkpoint(folder / "checkpoint.pt",
+                                                                      model=torch.nn.Linear(2, 2).state_dict()),
+                                    "checkpoint.pt does not fit config_1 of lenet_cpu.py"),
+    "checkpoint missing": (lambda folder: (folder / "checkpoint.pt").unlink(), "checkpoint.pt is missing"),
+    "results missing": (lambda folder: (folder / "results.json").unlink(), "has no results.json beside it"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_run_files_stop_resume_with_one_line_and_change_nothing(damage, data_dir, tmp_path):
+    arguments, folder = interrupted_run(data_dir, tmp_path)
+    make_damage, message = DAMAGES[damage]
+    make_damage(folder)
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    with pytest.raises(common.ExperimentError, match=message) as error:
+        lenet_cpu.main(arguments)
+    assert f"delete {folder} to train config_1 again" in str(error.value)
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
+
+
+def test_completed_config_without_its_weights_is_a_clear_error(data_dir, tmp_path):
+    arguments = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
+    assert lenet_cpu.main(arguments) == 0
+    (tmp_path / "run_001" / "config_1" / "model.pth").unlink()
+    with pytest.raises(common.ExperimentError, match="model.pth is missing"):
+        lenet_cpu.main([*arguments, "--resume"])
+
+
+def test_results_of_another_script_are_refused(data_dir, tmp_path):
+    arguments, folder = interrupted_run(data_dir, tmp_path)
+    results = json.loads((folder / "results.json").read_text())
+    (folder / "results.json").write_text(json.dumps({**results, "script": "resnet18.py"}))
+    with pytest.raises(common.ExperimentError, match="written by resnet18.py, not lenet_cpu.py"):
+        lenet_cpu.main(arguments)
+
+
+def test_damaged_results_from_the_command_line_end_with_one_line(data_dir, tmp_path):
+    arguments, folder = interrupted_run(data_dir, tmp_path)
+    truncate(folder / "results.json")
+    completed = subprocess.run([sys.executable, "lenet_cpu.py", *arguments], cwd=ROOT, capture_output=True,
+                               text=True, timeout=120)
+    assert completed.returncode == 1 and "Traceback" not in completed.stderr
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --resume: ") and "results.json is damaged" in lines[0]
