@@ -68,6 +68,7 @@ def run_main(main):
     if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # a run told to ignore SIGTERM keeps ignoring it
         signal.signal(signal.SIGTERM, _raise_stopped)
     speaks = int(os.environ.get("RANK", 0)) == 0
+    Run.active = None
     try:
         status = main()
     except ExperimentError as error:
@@ -75,7 +76,7 @@ def run_main(main):
             print(f"error: {error}", file=sys.stderr)
         status = 1
     except KeyboardInterrupt as interruption:
-        message = Run.active.interrupted() if Run.active else "interrupted before training started; nothing was saved"
+        message = _interruption_message(Run.active)
         if speaks:
             print(message, file=sys.stderr)
         status = 128 + getattr(interruption, "signal_number", signal.SIGINT)
@@ -543,34 +544,20 @@ class Run:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise _unwritable(self.out_dir, error) from None
-        self._run_dir = self._broadcast(_latest_run_dir(self.out_dir) if self.is_main else None) if args.resume else None
-        self.log(f"training on {self.describe_device()}")
+        self._run_dir = _from_rank_zero(_latest_run_dir(self.out_dir) if self.is_main else None) if args.resume else None
+        self.log(f"training on {describe_devices(self)}")
         Run.active = self
 
     @property
     def run_dir(self):
         """This run's folder, made when training starts: a run that fails before leaves none behind."""
         if self._run_dir is None:
-            self._run_dir = self._broadcast(_new_run_dir(self.out_dir) if self.is_main else None)
+            self._run_dir = _from_rank_zero(_new_run_dir(self.out_dir) if self.is_main else None)
         return self._run_dir
-
-    def _broadcast(self, value):
-        if self.world_size > 1:
-            holder = [value]
-            dist.broadcast_object_list(holder, src=0)
-            value = holder[0]
-        return value
 
     def log(self, *message, error=False):
         if self.is_main:
             print(*message, file=sys.stderr if error else sys.stdout, flush=True)
-
-    def describe_device(self):
-        if self.world_size > 1:
-            return f"{self.world_size} torchrun processes ({_device_name(self.device)} in rank {self.rank})"
-        if self.gpu_count > 1:
-            return f"{self.gpu_count} GPUs: " + ", ".join(torch.cuda.get_device_name(i) for i in range(self.gpu_count))
-        return _device_name(self.device)
 
     def configs(self, configs):
         """Yields (name, config) for each chosen config, command-line overrides applied, seeded."""
@@ -622,38 +609,57 @@ class Run:
         self.records.append(record)
         return record
 
-    def interrupted(self):
-        """Marks the config in training as interrupted; the message says what is saved and how to go on."""
-        if self._run_dir is None:
-            return "interrupted before training started; nothing was saved"
-        current = self.records[-1] if self.records and self.records[-1].status == "running" else None
-        saved = [f"{r.name} {r.status}" for r in self.records if r is not current]
-        if current is not None:
-            saved.append(current.mark_interrupted())
-        command = ("the same torchrun command with --resume" if self.world_size > 1 else
-                   "python " + shlex.join([*sys.argv] + ([] if self.args.resume else ["--resume"])))
-        return (f"interrupted; saved in {self.run_dir}: {', '.join(saved) or 'no finished epoch'}; "
-                f"continue with: {command}")
-
     def finish(self, compare_key=None):
         """Prints the results summary, writes summary.json and the comparison plots; the exit status."""
         results = [record.result for record in self.records]
         if self.is_main and results:
-            summary = [{key: value for key, value in r.items() if key not in ("history", "environment")}
-                       for r in results]
-            write_json(self.run_dir / "summary.json", summary)
-            finished = [r for r in results if r["history"]]
-            if len(finished) > 1:
-                plot_test_accuracy(finished, self.run_dir / "test_accuracy.png")
-            if compare_key and all("train_eval_accuracy" in r["history"][-1] for r in finished):
-                plot_train_vs_test(finished, self.run_dir / "train_vs_test.png", compare_key)
-            print(f"\nResults ({self.run_dir}):")
-            for result in results:
-                print(summary_line(result))
+            write_summary(self.run_dir, results, compare_key)
         failed = [r["name"] for r in results if r["status"] != "completed"]
         if failed:
             self.log(f"not completed: {', '.join(failed)}", error=True)
         return 1 if failed else 0
+
+
+def write_summary(run_dir, results, compare_key=None):
+    """summary.json, the plots comparing the configs, and the report's summary lines on stdout."""
+    summary = [{key: value for key, value in r.items() if key not in ("history", "environment")} for r in results]
+    write_json(run_dir / "summary.json", summary)
+    finished = [r for r in results if r["history"]]
+    if len(finished) > 1:
+        plot_test_accuracy(finished, run_dir / "test_accuracy.png")
+    if compare_key and all("train_eval_accuracy" in r["history"][-1] for r in finished):
+        plot_train_vs_test(finished, run_dir / "train_vs_test.png", compare_key)
+    print(f"\nResults ({run_dir}):")
+    for result in results:
+        print(summary_line(result))
+
+
+def _interruption_message(run):
+    """Marks the config in training as interrupted; says what is saved and how to go on."""
+    if run is None or run._run_dir is None:
+        return "interrupted before training started; nothing was saved"
+    current = run.records[-1] if run.records and run.records[-1].status == "running" else None
+    saved = [f"{r.name} {r.status}" for r in run.records if r is not current]
+    if current is not None:
+        saved.append(current.mark_interrupted())
+    return (f"interrupted; saved in {run.run_dir}: {', '.join(saved) or 'no finished epoch'}; "
+            f"continue with: {resume_command(run)}")
+
+
+def _from_rank_zero(value):
+    """Rank 0's value in every torchrun process."""
+    if dist.is_initialized():
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        value = holder[0]
+    return value
+
+
+def resume_command(run):
+    """The command that continues this run."""
+    if run.world_size > 1:
+        return "the same torchrun command with --resume"
+    return "python " + shlex.join([*sys.argv] + ([] if run.args.resume else ["--resume"]))
 
 
 def _unwritable(out_dir, error):
@@ -752,11 +758,7 @@ class Record:
                      f"train {train_accuracy:.2f}%, {evaluated} {accuracies[evaluated + '_accuracy']:.2f}%, "
                      f"{seconds:.1f} s")
         if self.run.is_main:
-            state = {"config": self.config, "epoch": len(history), "history": history,
-                     "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                     "rng": _rng_state()}
-            save_torch(self.folder / "checkpoint.pt", state)
+            save_torch(self.folder / "checkpoint.pt", _checkpoint(self))
         self._write_results()
 
     def finish(self, final_test_accuracy=None, **extra):
@@ -767,13 +769,7 @@ class Record:
         """
         if self.status != "running" or not self.result["history"]:
             return
-        last = self.result["history"][-1]
-        if self.result["validation"]:
-            self.result["final_val_accuracy"] = last["val_accuracy"]
-        self.result["final_test_accuracy"] = last["test_accuracy"] if final_test_accuracy is None else final_test_accuracy
-        # eval-mode accuracy on the training images where it was measured, else the running one
-        self.result["final_train_accuracy"] = last.get("train_eval_accuracy", last["train_accuracy"])
-        self.result["train_test_gap"] = self.result["final_train_accuracy"] - self.result["final_test_accuracy"]
+        self.result.update(_final_figures(self.result, final_test_accuracy))
         if extra:
             self.result["extra"] = extra
         self.result["status"] = "completed"
@@ -793,6 +789,25 @@ class Record:
             write_json(self.folder / "results.json", self.result)
             if plot and self.result["history"]:
                 plot_curves(self.result, self.folder / "curves.png")
+
+
+def _final_figures(result, final_test_accuracy=None):
+    """The final accuracies (the last epoch's) and the train-test gap of a trained config."""
+    last = result["history"][-1]
+    figures = {"final_val_accuracy": last["val_accuracy"]} if result["validation"] else {}
+    figures["final_test_accuracy"] = last["test_accuracy"] if final_test_accuracy is None else final_test_accuracy
+    # eval-mode accuracy on the training images where it was measured, else the running one
+    figures["final_train_accuracy"] = last.get("train_eval_accuracy", last["train_accuracy"])
+    figures["train_test_gap"] = figures["final_train_accuracy"] - figures["final_test_accuracy"]
+    return figures
+
+
+def _checkpoint(record):
+    """Everything --resume needs to go on as if never stopped."""
+    return {"config": record.config, "epoch": len(record.result["history"]), "history": record.result["history"],
+            "model": unwrap(record.model).state_dict(), "optimizer": record.optimizer.state_dict(),
+            "scheduler": record.scheduler.state_dict() if record.scheduler is not None else None,
+            "rng": _rng_state()}
 
 
 def _restore(record):
@@ -891,6 +906,15 @@ def _setup_devices(choice):
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def describe_devices(run):
+    """What trains: torchrun processes, several GPUs of one process, one GPU or the CPU."""
+    if run.world_size > 1:
+        return f"{run.world_size} torchrun processes ({_device_name(run.device)} in rank {run.rank})"
+    if run.gpu_count > 1:
+        return f"{run.gpu_count} GPUs: " + ", ".join(torch.cuda.get_device_name(i) for i in range(run.gpu_count))
+    return _device_name(run.device)
 
 
 def _device_name(device):

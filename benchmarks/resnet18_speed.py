@@ -56,7 +56,7 @@ def main():
         seconds.append(common.clock(run.device) - started)
     steady = statistics.median(seconds[1:])
     images_per_second = len(train_batches) * config["batch_size"] / steady
-    print(f"\ndevice: {run.describe_device()}, batch size {config['batch_size']}, compile: {args.compile}")
+    print(f"\ndevice: {common.describe_devices(run)}, batch size {config['batch_size']}, compile: {args.compile}")
     print(f"first epoch (warm-up): {seconds[0]:.2f} s; steady: {images_per_second:,.0f} training images/s, "
           f"{steady:.2f} s per epoch of {args.images:,} images")
     epochs = resnet18.CONFIGS[CONFIG - 1]["num_epochs"]
