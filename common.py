@@ -226,8 +226,8 @@ class Batches:
                 f"batch size {batch_size} is larger than the {len(split) // world_size} training images "
                 f"per process; lower --batch-size or raise --subset"
             )
-        mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        self.mean = mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.std = std = torch.tensor(std, device=device).view(1, 3, 1, 1)
         images = split.images.to(device).float().mul_(1 / (255 * std)).sub_(mean / std)  # (x/255 - mean)/std
         self.padding = 4 if augment else 0
         self.images = F.pad(images, (self.padding,) * 4, mode="reflect") if augment else images
@@ -347,30 +347,47 @@ def train_one_epoch(model, batches, optimizer, criterion, scheduler=None, log_in
 
 
 @torch.no_grad()
-def evaluate(model, batches, per_class=False, flip_tta=False):
-    """Accuracy in percent over every batch (summed over processes); with per_class, also a dict.
+def confusion_matrix(model, batches, flip_tta=False):
+    """Counts of (true class, predicted class) over every batch, summed over processes: (10, 10) int64.
 
     flip_tta averages the predictions for each image and its mirror image (test-time augmentation).
     """
     model.eval()
     device = batches.labels.device
-    correct = torch.zeros(len(CIFAR10_CLASSES), device=device, dtype=torch.long)
-    total = torch.zeros(len(CIFAR10_CLASSES), device=device, dtype=torch.long)
+    classes = len(CIFAR10_CLASSES)
+    counts = torch.zeros(classes * classes, device=device, dtype=torch.long)
     for images, labels in batches:
         with autocast(device):
             logits = model(images)
             if flip_tta:
                 logits = logits.softmax(1) + model(images.flip(3)).softmax(1)
-            predicted = logits.argmax(1)
-        total.index_add_(0, labels, torch.ones_like(labels))  # per class, without a GPU sync
-        correct.index_add_(0, labels, (predicted == labels).long())
-    sum_over_processes(correct)
-    sum_over_processes(total)
-    accuracy = 100.0 * correct.sum().item() / max(1, total.sum().item())
-    if not per_class:
-        return accuracy
-    classes = {name: 100.0 * c / max(1, t) for name, c, t in zip(CIFAR10_CLASSES, correct.tolist(), total.tolist())}
-    return accuracy, classes
+        counts.index_add_(0, labels * classes + logits.argmax(1), torch.ones_like(labels))  # no GPU sync
+    return sum_over_processes(counts).view(classes, classes).cpu()
+
+
+def evaluate(model, batches, per_class=False, flip_tta=False):
+    """Accuracy in percent over every batch (summed over processes); with per_class, also a dict."""
+    counts = confusion_matrix(model, batches, flip_tta)
+    accuracy = 100.0 * counts.diag().sum().item() / max(1, counts.sum().item())
+    return (accuracy, per_class_accuracy(counts)) if per_class else accuracy
+
+
+def per_class_accuracy(counts):
+    """{class name: accuracy in percent} from a confusion matrix (rows: true classes)."""
+    return {name: 100.0 * correct / max(1, total)
+            for name, correct, total in zip(CIFAR10_CLASSES, counts.diag().tolist(), counts.sum(1).tolist())}
+
+
+@torch.no_grad()
+def first_predictions(model, batches, count=32):
+    """The first `count` images of `batches` (unnormalized, on the CPU), their labels and predictions."""
+    model.eval()
+    images, labels = next(iter(batches))
+    images, labels = images[:count], labels[:count]
+    with autocast(images.device):
+        predicted = model(images).argmax(1)
+    pixels = (images.float() * batches.std + batches.mean).clamp(0, 1)
+    return pixels.cpu(), labels.cpu(), predicted.cpu()
 
 
 def lr_factor(step, total_steps, schedule="constant", warmup_steps=0, steps_per_epoch=1, step_epochs=20, gamma=0.5):
@@ -402,6 +419,9 @@ def atomic_write(path, write):
     path = Path(path)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(descriptor)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)  # mkstemp's files are private; results are as readable as any file
     try:
         write(temporary)
         os.replace(temporary, path)
@@ -463,6 +483,48 @@ def plot_train_vs_test(results, path, key):
                  ("test", *_series(result, "test_accuracy"))]
         panels.append((f"{result['name']}: {key}={result['config'][key]}", "accuracy (%)", lines))
     _plot(path, panels, same_scale=True)
+
+
+def plot_confusion(counts, path, title):
+    """The confusion matrix as counts, with each true class's accuracy beside its row."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.2, 6), layout="tight")
+    axis = figure.add_subplot()
+    image = axis.imshow(counts.numpy(), cmap="Blues")
+    figure.colorbar(image, ax=axis, shrink=0.8, label="test images")
+    accuracy = per_class_accuracy(counts)
+    ticks = range(len(CIFAR10_CLASSES))
+    axis.set_xticks(ticks, CIFAR10_CLASSES, rotation=45)
+    axis.set_yticks(ticks, [f"{name} {accuracy[name]:.0f}%" for name in CIFAR10_CLASSES])
+    darkest = counts.max().item()
+    for (row, column), count in np.ndenumerate(counts.numpy()):
+        axis.text(column, row, count, ha="center", va="center", fontsize=7,
+                  color="white" if count > darkest / 2 else "black")
+    total = 100.0 * counts.diag().sum().item() / max(1, counts.sum().item())
+    axis.set(title=f"{title}: {total:.2f}% correct", xlabel="predicted class", ylabel="true class (its accuracy)")
+    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=100, format="png"))
+
+
+def plot_predictions(images, labels, predicted, path, title, columns=8):
+    """A grid of test images (torchvision's make_grid) with true and predicted labels, wrong ones in red."""
+    from matplotlib.figure import Figure
+    from torchvision.utils import make_grid
+
+    gap = 12  # pixels around each 32-pixel image: room for its label above it
+    grid = make_grid(images, nrow=columns, padding=gap, pad_value=1.0)
+    height, width = grid.shape[1:]
+    figure = Figure(figsize=(width * 3 / 100, height * 3 / 100))
+    axis = figure.add_axes((0, 0, 1, 1))
+    axis.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    for index, (label, guess) in enumerate(zip(labels.tolist(), predicted.tolist())):
+        row, column = divmod(index, columns)
+        axis.text(gap + column * (32 + gap) + 16, gap + row * (32 + gap) - 1.5,
+                  f"{CIFAR10_CLASSES[label]}: {CIFAR10_CLASSES[guess]}", ha="center", va="bottom", fontsize=8,
+                  color="black" if label == guess else "red")
+    axis.set_axis_off()
+    axis.set_title(f"{title}  (true: predicted, wrong in red)", fontsize=10)
+    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=100, format="png", bbox_inches="tight"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -603,9 +665,13 @@ class Run:
         """torch.compile(model) with --compile, else the model as it is."""
         return torch.compile(model) if self.args.compile else model
 
-    def record(self, name, config, model, optimizer, scheduler=None, validation=False):
-        """The bookkeeping of one config (see Record); with --resume it continues from the checkpoint."""
-        record = Record(self, name, config, model, optimizer, scheduler, validation)
+    def record(self, name, config, model, optimizer, scheduler=None, validation=False, reported=None):
+        """The bookkeeping of one config (see Record); with --resume it continues from the checkpoint.
+
+        reported: the report's figures for this config ({"test_accuracy": %, "train_seconds": s}), to
+        be printed and saved beside ours.
+        """
+        record = Record(self, name, config, model, optimizer, scheduler, validation, reported)
         self.records.append(record)
         return record
 
@@ -702,6 +768,12 @@ def summary_line(result):
         outcome = (f"Final test accuracy: {result['final_test_accuracy']:.2f}% "
                    f"Train-test gap: {result['train_test_gap']:.2f} points")
     extra = "".join(f" {key}: {value}" for key, value in result.get("extra", {}).items())
+    versus = result.get("versus_report")
+    if versus:
+        reported = result["reported"]
+        extra += f" | report: {reported['test_accuracy']:.2f}% ({versus['test_accuracy_points']:+.2f} points)"
+        if "time_ratio" in versus:
+            extra += f", {reported['train_seconds']:.0f} s (ours {versus['time_ratio']:.2f}x)"
     return (f"{result['name']}: Configuration: {result['config']} {outcome} "
             f"Training time: {result['train_seconds']:.2f} seconds{extra}")
 
@@ -716,12 +788,13 @@ class Record:
     when it ended. A NaN or infinite loss ends the config with status "diverged".
     """
 
-    def __init__(self, run, name, config, model, optimizer, scheduler=None, validation=False):
+    def __init__(self, run, name, config, model, optimizer, scheduler=None, validation=False, reported=None):
         self.run, self.name, self.config = run, name, config
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.folder = run.run_dir / name
         self.result = {"name": name, "script": run.script, "status": "running", "config": config,
-                       "validation": validation, "history": [], "environment": _environment(run)}
+                       "validation": validation, "reported": reported, "history": [],
+                       "environment": _environment(run)}
         self.start_epoch = _restore(self) if run.args.resume else 0
         if run.is_main:
             self.folder.mkdir(exist_ok=True)
@@ -761,20 +834,27 @@ class Record:
             save_torch(self.folder / "checkpoint.pt", _checkpoint(self))
         self._write_results()
 
-    def finish(self, final_test_accuracy=None, **extra):
-        """After the last epoch: final figures (and `extra` ones), model.pth, results.json, curves.png.
+    def finish(self, test_batches, **extra):
+        """After the last epoch: final figures (and `extra` ones), model.pth, results.json and pictures.
 
-        final_test_accuracy is required after validation epochs (the test set is evaluated once, at
-        the end); otherwise it is the last epoch's. A config that ended before --resume is left as is.
+        The final test accuracy is the last epoch's; after validation epochs the test set is evaluated
+        here, once. The test set's confusion matrix goes into results.json and confusion.png, the
+        first test images with their predictions into predictions.png. A config that ended before
+        --resume is left as it is.
         """
         if self.status != "running" or not self.result["history"]:
             return
-        self.result.update(_final_figures(self.result, final_test_accuracy))
+        counts = confusion_matrix(self.model, test_batches)
+        self.result.update(_final_figures(self.result, counts))
         if extra:
             self.result["extra"] = extra
         self.result["status"] = "completed"
         if self.run.is_main:
             save_torch(self.folder / "model.pth", unwrap(self.model).state_dict())
+            title = f"{self.run.script} {self.name}"
+            plot_confusion(counts, self.folder / "confusion.png", title)
+            plot_predictions(*first_predictions(unwrap(self.model), test_batches), self.folder / "predictions.png",
+                             title)
         self._write_results(plot=True)
 
     def mark_interrupted(self):
@@ -791,14 +871,23 @@ class Record:
                 plot_curves(self.result, self.folder / "curves.png")
 
 
-def _final_figures(result, final_test_accuracy=None):
-    """The final accuracies (the last epoch's) and the train-test gap of a trained config."""
+def _final_figures(result, counts):
+    """The final accuracies, the train-test gap, the test confusion matrix and the comparison with the report."""
     last = result["history"][-1]
     figures = {"final_val_accuracy": last["val_accuracy"]} if result["validation"] else {}
-    figures["final_test_accuracy"] = last["test_accuracy"] if final_test_accuracy is None else final_test_accuracy
+    test_accuracy = 100.0 * counts.diag().sum().item() / max(1, counts.sum().item())
+    figures["final_test_accuracy"] = test_accuracy if result["validation"] else last["test_accuracy"]
     # eval-mode accuracy on the training images where it was measured, else the running one
     figures["final_train_accuracy"] = last.get("train_eval_accuracy", last["train_accuracy"])
     figures["train_test_gap"] = figures["final_train_accuracy"] - figures["final_test_accuracy"]
+    figures["per_class_test_accuracy"] = per_class_accuracy(counts)
+    figures["confusion_matrix"] = counts.tolist()  # rows: true classes, columns: predicted
+    reported = result.get("reported") or {}
+    if "test_accuracy" in reported:
+        figures["versus_report"] = {"test_accuracy_points": figures["final_test_accuracy"] - reported["test_accuracy"]}
+        if "train_seconds" in reported:
+            train_seconds = sum(entry["seconds"] for entry in result["history"])
+            figures["versus_report"]["time_ratio"] = train_seconds / reported["train_seconds"]
     return figures
 
 

@@ -72,7 +72,7 @@ def main(argv=None):
             record.add_epoch(loss, accuracy, seconds,
                              train_eval_accuracy=common.evaluate(model, train_eval_batches),  # the overfitting
                              test_accuracy=common.evaluate(model, test_batches))
-        record.finish()
+        record.finish(test_batches)
         run.log(f"{name}: Training time: {record.train_seconds:.2f} seconds")
     return run.finish(compare_key="dropout_rate")
 

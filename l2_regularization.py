@@ -62,7 +62,7 @@ def main(argv=None):
             record.add_epoch(loss, accuracy, seconds,
                              train_eval_accuracy=common.evaluate(model, train_eval_batches),  # the overfitting
                              test_accuracy=common.evaluate(model, test_batches))
-        record.finish(weight_norm=round(weight_norm(model), 3))
+        record.finish(test_batches, weight_norm=round(weight_norm(model), 3))
         run.log(f"{name}: Training time: {record.train_seconds:.2f} seconds")
     return run.finish(compare_key="weight_decay")
 

@@ -25,18 +25,22 @@ from lenet_cpu import Net  # the tutorial LeNet: conv 3->6->16 (5x5), max-pool, 
 # 100 epochs: 60.25%), and the low 47.63% of config 1 fits few, large steps at lr 0.001.
 CONFIGS = [
     # 1-3: epochs, learning rate and momentum
-    dict(num_epochs=50, lr=0.001, momentum=0.9, batch_size=512),   # report: 47.63%
-    dict(num_epochs=100, lr=0.01, momentum=0.9, batch_size=512),   # report: 60.25%
-    dict(num_epochs=200, lr=0.001, momentum=0.95, batch_size=512),  # report: 65.75%
+    dict(num_epochs=50, lr=0.001, momentum=0.9, batch_size=512),
+    dict(num_epochs=100, lr=0.01, momentum=0.9, batch_size=512),
+    dict(num_epochs=200, lr=0.001, momentum=0.95, batch_size=512),
     # 4-10: 50 epochs, the batch-size grid
-    dict(num_epochs=50, lr=0.001, momentum=0.9, batch_size=32),    # report: 62.00%
-    dict(num_epochs=50, lr=0.005, momentum=0.9, batch_size=64),    # report: 62.50%
-    dict(num_epochs=50, lr=0.001, momentum=0.95, batch_size=32),   # report: 64.99%
-    dict(num_epochs=50, lr=0.001, momentum=0.95, batch_size=64),   # report: 63.11%
-    dict(num_epochs=50, lr=0.01, momentum=0.9, batch_size=32),     # report: 56.45%
-    dict(num_epochs=50, lr=0.01, momentum=0.9, batch_size=64),     # report: 59.44%
-    dict(num_epochs=50, lr=0.01, momentum=0.9, batch_size=512),    # report: 58.02%
+    dict(num_epochs=50, lr=0.001, momentum=0.9, batch_size=32),
+    dict(num_epochs=50, lr=0.005, momentum=0.9, batch_size=64),
+    dict(num_epochs=50, lr=0.001, momentum=0.95, batch_size=32),
+    dict(num_epochs=50, lr=0.001, momentum=0.95, batch_size=64),
+    dict(num_epochs=50, lr=0.01, momentum=0.9, batch_size=32),
+    dict(num_epochs=50, lr=0.01, momentum=0.9, batch_size=64),
+    dict(num_epochs=50, lr=0.01, momentum=0.9, batch_size=512),
 ]
+# The report's test accuracy per config (4x A100), printed and saved beside ours. Its times for
+# configs 4-10 were 163-264 s each, not given per config.
+REPORTED = {f"config_{number}": dict(test_accuracy=accuracy) for number, accuracy in enumerate(
+    [47.63, 60.25, 65.75, 62.00, 62.50, 64.99, 63.11, 56.45, 59.44, 58.02], 1)}
 
 
 def main(argv=None):
@@ -52,7 +56,7 @@ def main(argv=None):
         criterion = nn.CrossEntropyLoss()
         optimizer = optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"])
         train_batches = run.batches(data.train, config["batch_size"], train=True)
-        record = run.record(name, config, model, optimizer)  # with --resume: from the last checkpoint
+        record = run.record(name, config, model, optimizer, reported=REPORTED[name])  # --resume: from the checkpoint
         for epoch in record.epochs():
             train_batches.set_epoch(epoch)
             started = common.clock(run.device)  # waits for the GPUs before reading the time
@@ -60,7 +64,7 @@ def main(argv=None):
                                                     log_interval=args.log_interval, epoch=epoch)
             seconds = common.clock(run.device) - started
             record.add_epoch(loss, accuracy, seconds, test_accuracy=common.evaluate(model, test_batches))
-        record.finish()
+        record.finish(test_batches)
         run.log(f"{name}: Training time: {record.train_seconds:.2f} seconds")
     return run.finish()
 

@@ -23,7 +23,8 @@ def test_run_writes_results_and_never_overwrites(data_dir, tmp_path, capsys):
                      r"Final test accuracy: \d+\.\d\d% .*Training time: \d+\.\d\d seconds", output)
     assert "Accuracy for class: plane is" in output
     folder = tmp_path / "run_001" / "config_1"
-    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt", "curves.png", "model.pth", "results.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt", "confusion.png", "curves.png", "model.pth",
+                                                         "predictions.png", "results.json"]
     results = json.loads((folder / "results.json").read_text())
     assert results["status"] == "completed" and results["config"]["batch_size"] == 4
     assert [sorted(e) for e in results["history"]] == [
