@@ -313,12 +313,13 @@ def sum_over_processes(tensor):
     return tensor
 
 
-def train_one_epoch(model, batches, optimizer, criterion, scheduler=None, log_interval=0, epoch=0):
+def train_one_epoch(model, batches, optimizer, criterion, scheduler=None, log_interval=0, epoch=0, progress=None):
     """One pass of SGD steps; returns the mean training loss and the training accuracy in percent.
 
     Each step: forward (bf16 autocast on GPUs), loss, zero_grad, backward, optimizer step and, when
     given, the per-batch scheduler step. Sums stay on the device, so a GPU is never waited for
-    inside the epoch; with log_interval the running loss is printed as the PyTorch tutorial does.
+    inside the epoch; with log_interval the running loss is printed as the PyTorch tutorial does,
+    and `progress` (Record.progress) prints a line every half minute of a long epoch.
     """
     model.train()
     device = batches.labels.device
@@ -340,6 +341,8 @@ def train_one_epoch(model, batches, optimizer, criterion, scheduler=None, log_in
             total = loss_sum.item()
             print(f"[{epoch + 1}, {number:5d}] loss: {(total - logged_loss) / log_interval:.3f}", flush=True)
             logged_loss = total
+        if progress is not None:
+            progress.update(number)
     count = torch.tensor(float(len(batches)), device=device, dtype=torch.float64)
     loss_total, correct_total, batch_count = sum_over_processes(
         torch.stack([loss_sum.double(), correct.double(), count])).tolist()
@@ -601,6 +604,8 @@ class Run:
         # GPUs this process drives: all visible ones in a single process, its own one under torchrun
         self.gpu_count = torch.cuda.device_count() if self.device.type == "cuda" and self.world_size == 1 else 1
         self.records = []
+        self.planned_epochs = self.epochs_done = 0  # over every chosen config, for the time left
+        self.estimated = False  # whether Progress has judged the length of the run yet
         self.out_dir = Path(args.out_dir or Path("modelset") / Path(script).stem)
         try:  # an unwritable folder is reported now, not after loading the data
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -627,11 +632,16 @@ class Run:
                      "momentum": self.args.momentum, "batch_size": self.args.batch_size}
         if self.args.dry_run:
             overrides["num_epochs"] = 1
-        for number in self.args.configs or range(1, len(configs) + 1):
-            config = dict(configs[number - 1])
-            config.update({key: value for key, value in overrides.items() if value is not None})
+        chosen = [(f"config_{number}", {**configs[number - 1], **{k: v for k, v in overrides.items() if v is not None}})
+                  for number in self.args.configs or range(1, len(configs) + 1)]
+        self.planned_epochs = sum(config["num_epochs"] for _, config in chosen)
+        for name, config in chosen:
             seed_everything(self.args.seed)
-            yield f"config_{number}", config
+            yield name, config
+
+    def epochs_left(self):
+        """Epochs of the chosen configs not trained yet, the one in progress included."""
+        return self.planned_epochs - self.epochs_done
 
     def load_data(self):
         """CIFAR-10 as uint8 tensors (rank 0 downloads first), cut to --subset."""
@@ -683,7 +693,22 @@ class Run:
         failed = [r["name"] for r in results if r["status"] != "completed"]
         if failed:
             self.log(f"not completed: {', '.join(failed)}", error=True)
+        elif self.is_main and results:
+            point_latest(self.out_dir, self.run_dir)
         return 1 if failed else 0
+
+
+def point_latest(out_dir, run_dir):
+    """`<out-dir>/latest` leads to run_dir: a relative symlink, or a file holding its name where the
+    file system allows no links. Replaced atomically; the run folders themselves are not touched."""
+    latest = out_dir / "latest"
+    temporary = out_dir / f".latest.{os.getpid()}"
+    try:
+        os.symlink(run_dir.name, temporary, target_is_directory=True)
+    except OSError:
+        atomic_write(latest, lambda path: Path(path).write_text(run_dir.name + "\n"))
+        return
+    os.replace(temporary, latest)
 
 
 def write_summary(run_dir, results, compare_key=None):
@@ -778,6 +803,54 @@ def summary_line(result):
             f"Training time: {result['train_seconds']:.2f} seconds{extra}")
 
 
+class Progress:
+    """Plain progress lines inside long epochs, and early word of how long a run will take.
+
+    Every `interval` seconds of an epoch: batches done, images/s and the time left in the epoch and
+    in the run at this epoch's pace. Seconds into a run that would take more than `long_run`
+    seconds at that pace, one line says so and how to make a short run.
+    """
+
+    interval = 30.0
+    first_look = 5.0  # seconds into a run before judging its length
+    long_run = 600.0
+
+    def __init__(self, record, epoch, batches):
+        self.record, self.epoch, self.batches = record, epoch, batches
+        self.started = time.perf_counter()
+        self.judging = not record.run.estimated  # early in the run: is it a long one?
+        self.next_report = self.started + (self.first_look if self.judging else self.interval)
+
+    def update(self, done):
+        """Called after each batch with the number done; prints when a line is due."""
+        now = time.perf_counter()
+        if now < self.next_report:
+            return
+        self.next_report = now + self.interval
+        run, total = self.record.run, len(self.batches)
+        per_batch = (now - self.started) / done
+        epoch_left = per_batch * (total - done)
+        run_left = epoch_left + per_batch * total * (run.epochs_left() - 1)
+        if self.judging:
+            self.judging, run.estimated = False, True
+            if run_left > self.long_run:
+                run.log(f"at this pace the run takes about {duration(run_left)}; for a short run, "
+                        f"add --subset 5000 --epochs 2 (or fewer --configs)")
+            return
+        images_per_second = done * self.batches.batch_size * run.world_size / (now - self.started)
+        run.log(f"{self.record.name} epoch {self.epoch + 1}/{self.record.config['num_epochs']}: {done}/{total} "
+                f"batches, {images_per_second:,.0f} images/s, {duration(epoch_left)} left in the epoch, "
+                f"{duration(run_left)} in the run")
+
+
+def duration(seconds):
+    """A time span as a person reads it: 45 s, 12 min, 2 h 05 min."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 120 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
 class Record:
     """The results of one config in `<run folder>/config_N/`: history, checkpoint, results.json, curves.
 
@@ -796,6 +869,8 @@ class Record:
                        "validation": validation, "reported": reported, "history": [],
                        "environment": _environment(run)}
         self.start_epoch = _restore(self) if run.args.resume else 0
+        run.epochs_done += self.start_epoch
+        self.started = time.perf_counter()
         if run.is_main:
             self.folder.mkdir(exist_ok=True)
 
@@ -815,21 +890,28 @@ class Record:
                 return
             yield epoch
 
+    def progress(self, epoch, batches):
+        """The progress lines of this epoch (see Progress): the training loop calls update(batches done)."""
+        return Progress(self, epoch, batches)
+
     def add_epoch(self, train_loss, train_accuracy, seconds, **accuracies):
         """Records an epoch's figures, prints them and saves the checkpoint and results.json."""
         history = self.result["history"]
         history.append({"epoch": len(history) + 1, "train_loss": train_loss, "train_accuracy": train_accuracy,
                         **accuracies, "seconds": seconds})
+        self.run.epochs_done += 1
         if not math.isfinite(train_loss):
             self.result["status"] = "diverged"
+            self.run.epochs_done += self.config["num_epochs"] - len(history)  # never to be trained
             self.run.log(f"{self.name} diverged: the training loss is {train_loss} in epoch {len(history)}; "
                          f"try a lower learning rate than {self.config['lr']} (--lr)", error=True)
             self._write_results(plot=True)
             return
         evaluated = "val" if self.result["validation"] else "test"
+        epoch_wall_time = (time.perf_counter() - self.started) / (len(history) - self.start_epoch)
         self.run.log(f"{self.name} epoch {len(history)}/{self.config['num_epochs']}: loss {train_loss:.3f}, "
                      f"train {train_accuracy:.2f}%, {evaluated} {accuracies[evaluated + '_accuracy']:.2f}%, "
-                     f"{seconds:.1f} s")
+                     f"{seconds:.1f} s; {duration(epoch_wall_time * self.run.epochs_left())} left in the run")
         if self.run.is_main:
             save_torch(self.folder / "checkpoint.pt", _checkpoint(self))
         self._write_results()

@@ -57,7 +57,8 @@ def main(argv=None):
             train_batches.set_epoch(epoch)
             started = common.clock(run.device)
             loss, accuracy = common.train_one_epoch(model, train_batches, optimizer, criterion,
-                                                    log_interval=args.log_interval, epoch=epoch)
+                                                    log_interval=args.log_interval, epoch=epoch,
+                                                    progress=record.progress(epoch, train_batches))
             seconds = common.clock(run.device) - started
             record.add_epoch(loss, accuracy, seconds,
                              train_eval_accuracy=common.evaluate(model, train_eval_batches),  # the overfitting

@@ -54,7 +54,7 @@ class Net(nn.Module):
         return self.fc3(x)
 
 
-def train(model, batches, optimizer, criterion, epoch, log_interval):
+def train(model, batches, optimizer, criterion, epoch, log_interval, progress):
     """One epoch of the tutorial's loop; returns the mean loss and the training accuracy in percent."""
     model.train()
     running_loss = loss_sum = 0.0
@@ -71,6 +71,7 @@ def train(model, batches, optimizer, criterion, epoch, log_interval):
             print(f"[{epoch + 1}, {i + 1:5d}] loss: {running_loss / log_interval:.3f}", flush=True)
             loss_sum += running_loss
             running_loss = 0.0
+        progress.update(i + 1)  # a line every half minute: images/s, time left
     loss_sum += running_loss
     return loss_sum / len(batches), 100.0 * correct / (len(batches) * batches.batch_size)
 
@@ -97,7 +98,8 @@ def main(argv=None):
         for epoch in record.epochs():
             train_batches.set_epoch(epoch)  # a fresh shuffle every epoch
             started = time.perf_counter()
-            loss, accuracy = train(model, train_batches, optimizer, criterion, epoch, args.log_interval)
+            loss, accuracy = train(model, train_batches, optimizer, criterion, epoch, args.log_interval,
+                                   record.progress(epoch, train_batches))
             seconds = time.perf_counter() - started
             record.add_epoch(loss, accuracy, seconds, test_accuracy=common.evaluate(model, test_batches))
         record.finish(test_batches)  # final figures, confusion matrix, pictures

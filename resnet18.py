@@ -132,7 +132,8 @@ def main(argv=None):
             started = common.clock(run.device)  # waits for the GPU before reading the time
             # bf16 autocast on GPUs; the scheduler steps after every batch
             loss, accuracy = common.train_one_epoch(model, train_batches, optimizer, criterion, scheduler,
-                                                    log_interval=args.log_interval, epoch=epoch)
+                                                    log_interval=args.log_interval, epoch=epoch,
+                                                    progress=record.progress(epoch, train_batches))
             seconds = common.clock(run.device) - started
             if val_batches:
                 record.add_epoch(loss, accuracy, seconds, val_accuracy=common.evaluate(model, val_batches))

@@ -44,11 +44,13 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(signal_number, statu
     finished = len(interrupted["history"])
     assert interrupted["status"] == "interrupted" and 2 <= finished < 60
 
+    assert not (tmp_path / "interrupted" / "latest").exists()  # latest leads to complete runs only
     resumed = subprocess.run([*command, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming after epoch {finished}" in resumed.stdout
     straight = tmp_path / "straight" / "run_001" / "config_1"
     assert [e["epoch"] for e in history(folder)] == list(range(1, 61))
+    assert (tmp_path / "interrupted" / "latest").resolve() == folder.parent.resolve()
     strip = [{k: v for k, v in e.items() if k != "seconds"} for e in history(straight)]
     assert [{k: v for k, v in e.items() if k != "seconds"} for e in history(folder)] == strip
     final, reference = torch.load(folder / "model.pth"), torch.load(straight / "model.pth")

@@ -3,8 +3,10 @@
 import json
 import re
 
+import pytest
 import torch
 
+import common
 import lenet_cpu
 from conftest import run_script
 
@@ -30,14 +32,44 @@ def test_run_writes_results_and_never_overwrites(data_dir, tmp_path, capsys):
     assert [sorted(e) for e in results["history"]] == [
         ["epoch", "seconds", "test_accuracy", "train_accuracy", "train_loss"]]
     assert results["final_test_accuracy"] == results["history"][-1]["test_accuracy"]
+    # the report's figure beside ours
+    assert results["reported"] == {"test_accuracy": 60.0}
+    assert results["versus_report"]["test_accuracy_points"] == pytest.approx(results["final_test_accuracy"] - 60)
+    assert f"| report: 60.00% ({results['final_test_accuracy'] - 60:+.2f} points)" in output
+    # the confusion matrix: rows are the true classes of all 100 test images
+    confusion = torch.tensor(results["confusion_matrix"])
+    assert confusion.shape == (10, 10) and confusion.sum() == 100
+    assert 100 * confusion.diag().sum().item() / 100 == pytest.approx(results["final_test_accuracy"])
+    assert list(results["per_class_test_accuracy"]) == list(common.CIFAR10_CLASSES)
     assert results["environment"]["torch"] == torch.__version__ and results["environment"]["seed"] == 1
     state = torch.load(folder / "model.pth")
     lenet_cpu.Net().load_state_dict(state)  # plain keys, no "module." prefix
     before = {p: p.read_bytes() for p in folder.iterdir()}
 
+    assert (tmp_path / "latest" / "config_1" / "results.json").read_bytes() == before[folder / "results.json"]
     assert lenet_cpu.main(arguments) == 0
     assert (tmp_path / "run_002" / "config_1" / "model.pth").exists()
     assert {p: p.read_bytes() for p in folder.iterdir()} == before
+    assert (tmp_path / "latest").resolve() == (tmp_path / "run_002").resolve()
+
+
+def test_long_runs_print_progress_and_how_long_they_take(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common.Progress, "interval", 0.0)  # a line after every batch
+    monkeypatch.setattr(common.Progress, "first_look", 0.0)
+    monkeypatch.setattr(common.Progress, "long_run", 0.0)  # every run counts as long
+    assert lenet_cpu.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    estimates = [line for line in lines if line.startswith("at this pace the run takes about")]
+    assert len(estimates) == 1 and "--subset" in estimates[0] and "--epochs" in estimates[0]
+    progress = [line for line in lines if "images/s" in line]
+    assert progress and all(re.fullmatch(r"config_1 epoch [12]/2: \d+/50 batches, [\d,]+ images/s, "
+                                         r"\d+ s left in the epoch, \d+ s in the run", line) for line in progress)
+    epochs = [line for line in lines if line.startswith("config_1 epoch") and "loss" in line]
+    assert len(epochs) == 2 and all(line.endswith("left in the run") for line in epochs)
+
+
+def test_durations_read_as_a_person_would():
+    assert [common.duration(s) for s in (4.2, 89, 600, 7200 + 300)] == ["4 s", "89 s", "10 min", "2 h 05 min"]
 
 
 def test_lenet_learns_the_tiny_dataset(data_dir, tmp_path):
