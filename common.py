@@ -611,7 +611,9 @@ class Run:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise _unwritable(self.out_dir, error) from None
-        self._run_dir = _from_rank_zero(_latest_run_dir(self.out_dir) if self.is_main else None) if args.resume else None
+        self._run_dir = None  # made when the first config starts, unless --resume continues the latest
+        if args.resume:
+            self._run_dir = _from_rank_zero(_latest_run_dir(self.out_dir) if self.is_main else None)
         self.log(f"training on {describe_devices(self)}")
         Run.active = self
 
@@ -632,7 +634,8 @@ class Run:
                      "momentum": self.args.momentum, "batch_size": self.args.batch_size}
         if self.args.dry_run:
             overrides["num_epochs"] = 1
-        chosen = [(f"config_{number}", {**configs[number - 1], **{k: v for k, v in overrides.items() if v is not None}})
+        overrides = {key: value for key, value in overrides.items() if value is not None}
+        chosen = [(f"config_{number}", {**configs[number - 1], **overrides})
                   for number in self.args.configs or range(1, len(configs) + 1)]
         self.planned_epochs = sum(config["num_epochs"] for _, config in chosen)
         for name, config in chosen:
@@ -754,7 +757,8 @@ def resume_command(run):
 
 
 def _unwritable(out_dir, error):
-    return ExperimentError(f"cannot write to output folder {out_dir} ({error.strerror}); choose another with --out-dir")
+    return ExperimentError(f"cannot write to output folder {out_dir} ({error.strerror}); "
+                           f"choose another with --out-dir")
 
 
 def _runs(out_dir):

@@ -56,7 +56,8 @@ def main(argv=None):
         criterion = nn.CrossEntropyLoss()
         optimizer = optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"])
         train_batches = run.batches(data.train, config["batch_size"], train=True)
-        record = run.record(name, config, model, optimizer, reported=REPORTED[name])  # --resume: from the checkpoint
+        # the config's history and checkpoints; with --resume it goes on from the last checkpoint
+        record = run.record(name, config, model, optimizer, reported=REPORTED[name])
         for epoch in record.epochs():
             train_batches.set_epoch(epoch)
             started = common.clock(run.device)  # waits for the GPUs before reading the time
