@@ -10,8 +10,15 @@ after every epoch, so the summary's train-test gap is the overfitting; train_vs_
     python dropout_regularization.py --configs 1 2 --epochs 30
 
 The report: less overfitting (a smaller train-test gap) for slightly lower test accuracy. Measured
-on a 2-core CPU, real 5,000 / 1,000-image subset, 30 epochs: config 1 gap 3.90 points, test 42.10%;
-config 2 (Dropout 0.5) gap -0.44 points, test 36.40% (14 s each).
+on the full CIFAR-10 (JPEG copy), 2-core CPU, 50 epochs, about 195 s of training each:
+
+    dropout rate   test acc.   train-test gap
+    0 (control)     62.73%      24.79 points
+    0.5             63.55%       6.90 points     the report's: most of the gap closes, no accuracy lost
+    0.25            65.39%      13.21 points     the best test accuracy
+    0.75            57.56%       2.03 points     no gap left, but it underfits
+
+Dropout slows learning (0.5 is still improving at epoch 50) but stops the control's overfitting.
 """
 
 import torch

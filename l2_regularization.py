@@ -10,8 +10,16 @@ train_vs_test.png shows it per config, and the summary adds each model's weight 
     python l2_regularization.py --configs 1 2 --epochs 30
 
 The report: less overfitting (a smaller train-test gap) for slightly lower test accuracy. Measured
-on a 2-core CPU, real 5,000 / 1,000-image subset, 30 epochs: config 1 gap 3.90 points, test 42.10%,
-weight norm 10.033; config 2 gap 3.22 points, test 42.30%, weight norm 9.995 (13.5 s each).
+on the full CIFAR-10 (JPEG copy), 2-core CPU, 50 epochs, 190-266 s of training each:
+
+    weight decay   test acc.   train-test gap   weight norm
+    0 (control)     62.73%      24.79 points      22.79
+    1e-4            62.72%      25.36 points      22.31     the report's: no measurable effect
+    5e-4            63.10%      22.58 points      20.26
+    1e-3            63.90%      21.38 points      18.34
+    5e-3            65.71%      10.33 points      11.60     the gap closes, and accuracy rises
+
+The control overfits (its test accuracy peaks at 64.2% in epoch 27), so strong L2 helps both.
 """
 
 import torch

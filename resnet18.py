@@ -12,9 +12,10 @@ different for every image) stay on the device, training runs in bf16 autocast wi
     python resnet18.py --configs 5 --compile    # the modern recipe, fastest
     python benchmarks/resnet18_speed.py         # training images/s on the device at hand
 
-The report (one A100): 86.09, 88.59, 88.40, 89.56% for configs 1-4; config 4 took 306 s. Not yet
-measured here: no GPU has been available to this repository so far, and the CPU path is only
-checked by the tests (one epoch on a tiny subset). README.md keeps the measured figures.
+The report (one A100): 86.09, 88.59, 88.40, 89.56% for configs 1-4; config 4 took 306 s (REPORTED
+below; the summary prints ours beside it). Not yet measured here: no GPU has been lent to this
+repository so far. On a 2-core CPU a 25-epoch config takes many hours (the script says how long
+in its first seconds); the tests check the CPU path on a tiny subset.
 """
 
 from functools import partial
