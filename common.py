@@ -696,7 +696,7 @@ class Run:
         failed = [r["name"] for r in results if r["status"] != "completed"]
         if failed:
             self.log(f"not completed: {', '.join(failed)}", error=True)
-        elif self.is_main and results:
+        elif self.is_main and results and not self.args.dry_run:
             point_latest(self.out_dir, self.run_dir)
         return 1 if failed else 0
 

@@ -97,6 +97,7 @@ def test_dry_run_trains_two_batches_of_one_epoch(data_dir, tmp_path):
     assert lenet_cpu.main(arguments) == 0
     results = json.loads((tmp_path / "run_001" / "config_1" / "results.json").read_text())
     assert len(results["history"]) == 1 and results["environment"]["dry_run"]
+    assert not (tmp_path / "latest").exists()  # a dry run is no result to lead to
 
 
 def test_torchrun_is_refused_with_a_pointer_to_the_multigpu_script(monkeypatch):
