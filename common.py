@@ -811,7 +811,7 @@ class Progress:
     """Plain progress lines inside long epochs, and early word of how long a run will take.
 
     Every `interval` seconds of an epoch: batches done, images/s and the time left in the epoch and
-    in the run at this epoch's pace. Seconds into a run that would take more than `long_run`
+    in the run at this epoch's pace. Seconds into a CPU run that would take more than `long_run`
     seconds at that pace, one line says so and how to make a short run.
     """
 
@@ -822,7 +822,8 @@ class Progress:
     def __init__(self, record, epoch, batches):
         self.record, self.epoch, self.batches = record, epoch, batches
         self.started = time.perf_counter()
-        self.judging = not record.run.estimated  # early in the run: is it a long one?
+        # early in a CPU run: is it a long one? (a GPU's first seconds are warm-up and compilation)
+        self.judging = not record.run.estimated and record.run.device.type == "cpu"
         self.next_report = self.started + (self.first_look if self.judging else self.interval)
 
     def update(self, done):
