@@ -65,7 +65,8 @@ def run_main(main):
     the config in training as interrupted and say what is saved and how to continue. Under torchrun,
     rank 0 alone prints.
     """
-    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # a run told to ignore SIGTERM keeps ignoring it
+    sigterm = signal.getsignal(signal.SIGTERM)
+    if sigterm == signal.SIG_DFL:  # a run told to ignore SIGTERM keeps ignoring it
         signal.signal(signal.SIGTERM, _raise_stopped)
     speaks = int(os.environ.get("RANK", 0)) == 0
     Run.active = None
@@ -80,6 +81,7 @@ def run_main(main):
         if speaks:
             print(message, file=sys.stderr)
         status = 128 + getattr(interruption, "signal_number", signal.SIGINT)
+    signal.signal(signal.SIGTERM, sigterm)
     if dist.is_initialized():
         _exit_torchrun_process(status)
     sys.exit(status)

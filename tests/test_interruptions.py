@@ -1,6 +1,7 @@
-"""Long runs survive Ctrl-C (--resume) and divergence (the NaN guard)."""
+"""Long runs survive Ctrl-C and SIGTERM (--resume), damaged run files and divergence (the NaN guard)."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -217,3 +218,25 @@ def test_damaged_results_from_the_command_line_end_with_one_line(data_dir, tmp_p
     assert completed.returncode == 1 and "Traceback" not in completed.stderr
     lines = completed.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --resume: ") and "results.json is damaged" in lines[0]
+
+
+def sigterm_then_wait():
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)  # the handler runs at once; an ignored signal lets the wait end normally
+    return 0
+
+
+def test_sigterm_is_handled_like_ctrl_c_unless_it_was_ignored(capsys):
+    with pytest.raises(SystemExit) as exit:
+        common.run_main(sigterm_then_wait)
+    assert exit.value.code == 143
+    assert capsys.readouterr().err.strip() == "interrupted before training started; nothing was saved"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the process's own handler is back
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a launcher that ignores it would leave it
+    try:
+        with pytest.raises(SystemExit) as exit:
+            common.run_main(sigterm_then_wait)
+        assert exit.value.code == 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
