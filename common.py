@@ -286,6 +286,14 @@ def distributed(model, device):
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def gpus_driven(device, visible_gpus, world_size=1):
+    """GPUs one process drives: every visible one in a single process, its own one under torchrun.
+
+    More than one is where a script wraps its model in nn.DataParallel.
+    """
+    return visible_gpus if device.type == "cuda" and world_size == 1 else 1
+
+
 def unwrap(model):
     """The plain module inside torch.compile, DataParallel and DistributedDataParallel wrappers."""
     model = getattr(model, "_orig_mod", model)
@@ -603,8 +611,7 @@ class Run:
         self.script, self.args, self.mean, self.std = Path(script).name, args, mean, std
         self.rank, self.world_size, self.device = _setup_devices(args.device)
         self.is_main = self.rank == 0
-        # GPUs this process drives: all visible ones in a single process, its own one under torchrun
-        self.gpu_count = torch.cuda.device_count() if self.device.type == "cuda" and self.world_size == 1 else 1
+        self.gpu_count = gpus_driven(self.device, torch.cuda.device_count(), self.world_size)
         self.records = []
         self.planned_epochs = self.epochs_done = 0  # over every chosen config, for the time left
         self.estimated = False  # whether Progress has judged the length of the run yet

@@ -195,6 +195,13 @@ def test_each_run_gets_a_new_folder(tmp_path):
     assert [f.name for f in folders] == ["run_001", "run_002"]
 
 
+def test_data_parallel_only_for_one_process_with_several_gpus():
+    assert common.gpus_driven(torch.device("cuda"), 4) == 4
+    assert common.gpus_driven(torch.device("cuda"), 1) == 1
+    assert common.gpus_driven(torch.device("cpu"), 4) == 1
+    assert common.gpus_driven(torch.device("cuda"), 4, world_size=4) == 1  # torchrun: DDP, one GPU each
+
+
 def test_model_stays_unwrapped_on_the_cpu(tmp_path):
     run = new_run(tmp_path, "--device", "cpu")
     model = torch.nn.Linear(2, 2)
