@@ -381,8 +381,12 @@ def confusion_matrix(model, batches, flip_tta=False):
 def evaluate(model, batches, per_class=False, flip_tta=False):
     """Accuracy in percent over every batch (summed over processes); with per_class, also a dict."""
     counts = confusion_matrix(model, batches, flip_tta)
-    accuracy = 100.0 * counts.diag().sum().item() / max(1, counts.sum().item())
-    return (accuracy, per_class_accuracy(counts)) if per_class else accuracy
+    return (accuracy(counts), per_class_accuracy(counts)) if per_class else accuracy(counts)
+
+
+def accuracy(counts):
+    """Accuracy in percent from a confusion matrix: its diagonal over all its counts."""
+    return 100.0 * counts.diag().sum().item() / max(1, counts.sum().item())
 
 
 def per_class_accuracy(counts):
@@ -506,16 +510,16 @@ def plot_confusion(counts, path, title):
     axis = figure.add_subplot()
     image = axis.imshow(counts.numpy(), cmap="Blues")
     figure.colorbar(image, ax=axis, shrink=0.8, label="test images")
-    accuracy = per_class_accuracy(counts)
+    class_accuracy = per_class_accuracy(counts)
     ticks = range(len(CIFAR10_CLASSES))
     axis.set_xticks(ticks, CIFAR10_CLASSES, rotation=45)
-    axis.set_yticks(ticks, [f"{name} {accuracy[name]:.0f}%" for name in CIFAR10_CLASSES])
+    axis.set_yticks(ticks, [f"{name} {class_accuracy[name]:.0f}%" for name in CIFAR10_CLASSES])
     darkest = counts.max().item()
     for (row, column), count in np.ndenumerate(counts.numpy()):
         axis.text(column, row, count, ha="center", va="center", fontsize=7,
                   color="white" if count > darkest / 2 else "black")
-    total = 100.0 * counts.diag().sum().item() / max(1, counts.sum().item())
-    axis.set(title=f"{title}: {total:.2f}% correct", xlabel="predicted class", ylabel="true class (its accuracy)")
+    axis.set(title=f"{title}: {accuracy(counts):.2f}% correct", xlabel="predicted class",
+             ylabel="true class (its accuracy)")
     atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=100, format="png"))
 
 
@@ -941,7 +945,7 @@ class Record:
         if self.status != "running" or not self.result["history"]:
             return
         counts = confusion_matrix(self.model, test_batches)
-        self.result.update(_final_figures(self.result, counts))
+        self.result.update(_final_figures(self.result, counts, self.train_seconds))
         if extra:
             self.result["extra"] = extra
         self.result["status"] = "completed"
@@ -967,12 +971,11 @@ class Record:
                 plot_curves(self.result, self.folder / "curves.png")
 
 
-def _final_figures(result, counts):
+def _final_figures(result, counts, train_seconds):
     """The final accuracies, the train-test gap, the test confusion matrix and the comparison with the report."""
     last = result["history"][-1]
     figures = {"final_val_accuracy": last["val_accuracy"]} if result["validation"] else {}
-    test_accuracy = 100.0 * counts.diag().sum().item() / max(1, counts.sum().item())
-    figures["final_test_accuracy"] = test_accuracy if result["validation"] else last["test_accuracy"]
+    figures["final_test_accuracy"] = accuracy(counts) if result["validation"] else last["test_accuracy"]
     # eval-mode accuracy on the training images where it was measured, else the running one
     figures["final_train_accuracy"] = last.get("train_eval_accuracy", last["train_accuracy"])
     figures["train_test_gap"] = figures["final_train_accuracy"] - figures["final_test_accuracy"]
@@ -982,7 +985,6 @@ def _final_figures(result, counts):
     if "test_accuracy" in reported:
         figures["versus_report"] = {"test_accuracy_points": figures["final_test_accuracy"] - reported["test_accuracy"]}
         if "train_seconds" in reported:
-            train_seconds = sum(entry["seconds"] for entry in result["history"])
             figures["versus_report"]["time_ratio"] = train_seconds / reported["train_seconds"]
     return figures
 
