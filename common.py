@@ -7,6 +7,7 @@ and per config config_N/: model.pth (a plain state_dict), checkpoint.pt (for --r
 """
 
 import argparse
+import codecs
 import json
 import math
 import os
@@ -102,7 +103,7 @@ class _CifarUnpickler(pickle.Unpickler):
     pickle asking for anything else, such as a function to call, is refused before it runs."""
 
     rebuild = np.empty(0).__reduce__()[0]  # numpy's array rebuilder, whatever its module is called
-    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): codecs.encode,
                ("numpy.core.multiarray", "_reconstruct"): rebuild, ("numpy._core.multiarray", "_reconstruct"): rebuild}
 
     def find_class(self, module, name):
@@ -162,8 +163,7 @@ class Batches:
     epoch(n) yields epoch n's full training batches, shuffled by a permutation seeded by the seed and n alone."""
 
     def __init__(self, split, batch_size, device, mean, std, seed=0):
-        self.mean = mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-        self.std = std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        mean, std = (torch.tensor(values, device=device).view(1, 3, 1, 1) for values in (mean, std))
         self.images = split.images.to(device).float().mul_(1 / (255 * std)).sub_(mean / std)
         self.labels, self.batch_size, self.seed = split.labels.to(device), batch_size, seed
         self.steps = len(self.labels) // batch_size  # of a training epoch
@@ -338,6 +338,8 @@ class Run:
         if results:
             _write_summary(self.run_dir, results, compare_key)
         failed = [r["name"] for r in results if r["status"] != "completed"]
+        if self._lock:  # the run has ended: its folder is free again
+            self._lock.close()
         if failed:
             print(f"not completed: {', '.join(failed)}", file=sys.stderr)
         elif results and not self.args.dry_run:  # <out-dir>/latest names the newest complete run
@@ -390,8 +392,8 @@ class Run:
         if fcntl is not None:
             self._lock = open(run_dir / ".lock", "a+")
             try:
-                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                fcntl.lockf(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a POSIX lock: held by the process
+            except OSError:
                 raise ExperimentError(f"{run_dir} is in use by process {(run_dir / '.lock').read_text().strip()}; "
                                       f"wait for it to end, or stop it") from None
             self._lock.truncate(0)
@@ -533,10 +535,9 @@ class Record:
             return
         counts, last = confusion_matrix(self.model.eval(), test_batches), result["history"][-1]
         result.update(final_test_accuracy=accuracy(counts) if result["validation"] else last["test_accuracy"],
-                      final_train_accuracy=last["train_accuracy"], per_class_test_accuracy=per_class_accuracy(counts),
-                      confusion_matrix=counts.tolist(), extra=extra or None, status="completed")
-        if result["validation"]:
-            result["final_val_accuracy"] = last["val_accuracy"]
+                      final_val_accuracy=last.get("val_accuracy"), final_train_accuracy=last["train_accuracy"],
+                      per_class_test_accuracy=per_class_accuracy(counts), confusion_matrix=counts.tolist(),
+                      extra=extra or None, status="completed")
         if "train_eval_accuracy" in last:
             result["final_train_eval_accuracy"] = last["train_eval_accuracy"]
             result["train_test_gap"] = last["train_eval_accuracy"] - result["final_test_accuracy"]

@@ -1,27 +1,79 @@
-"""The shared mechanics: CIFAR-10 loading and its errors, batches, augmentation, schedules, CLI."""
+"""The shared helpers: reading CIFAR-10 safely, batches, the command line, run folders."""
 
+import json
 import pickle
 import shutil
 import urllib.error
 
+import numpy as np
 import pytest
 import torch
 
 import common
-from conftest import run_script, write_cifar10
+from conftest import run_script
 
 
 def test_loads_the_original_pickle_layout(data_dir):
-    data = common.load_cifar10(data_dir, download=False)
+    data = common.load_cifar10(data_dir)
     assert data.train.images.shape == (200, 3, 32, 32) and data.train.images.dtype == torch.uint8
     assert data.test.images.shape == (100, 3, 32, 32)
     assert data.train.labels.dtype == torch.int64 and 0 <= data.train.labels.min() <= data.train.labels.max() <= 9
-    inner = common.load_cifar10(data_dir / "cifar-10-batches-py", download=False)
+    inner = common.load_cifar10(data_dir / "cifar-10-batches-py")
     assert torch.equal(inner.test.images, data.test.images)
+
+
+def test_reads_the_original_python_2_pickles(tmp_path):
+    """The official files are protocol-2 pickles with bytes keys that name numpy.core's array rebuilder."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    labels = [3, 7] * 10
+    for name in common.FILES:
+        data = np.full((20, 3072), 9, dtype=np.uint8)
+        payload = pickle.dumps({b"batch_label": b"x", b"labels": labels, b"data": data}, protocol=2)
+        (folder / name).write_bytes(payload.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    data = common.load_cifar10(tmp_path)
+    assert data.train.labels.tolist() == labels * 5 and int(data.test.images[0, 0, 0, 0]) == 9
 
 
 def copy_of(data_dir, tmp_path):
     return shutil.copytree(data_dir / "cifar-10-batches-py", tmp_path / "cifar-10-batches-py")
+
+
+class RunsCode:
+    """A pickle that would run a shell command when loaded."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (__import__("os").system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_would_run_code_is_refused_before_it_runs(data_dir, tmp_path):
+    folder = copy_of(data_dir, tmp_path)
+    marker = tmp_path / "ran"
+    with open(folder / "data_batch_2", "wb") as file:
+        pickle.dump({"data": RunsCode(marker), "labels": [0]}, file)
+    with pytest.raises(common.ExperimentError, match="data_batch_2 .*asks for .*system"):
+        common.load_cifar10(tmp_path)
+    assert not marker.exists()
+
+
+def rewrite_batch(folder, name, **changes):
+    with open(folder / name, "rb") as file:
+        batch = pickle.load(file)
+    with open(folder / name, "wb") as file:
+        pickle.dump({**batch, **changes}, file)
+
+
+@pytest.mark.parametrize("labels, fact", [(["cat"] * 40, "labels of type <U3"), ([None] * 40, "labels of type object"),
+                                          ([10] + [0] * 39, "a label is 10, outside 0-9"),
+                                          ([0] * 39, "39 labels .* for 40 images")])
+def test_labels_that_are_not_cifar10s_are_named(labels, fact, data_dir, tmp_path):
+    folder = copy_of(data_dir, tmp_path)
+    rewrite_batch(folder, "data_batch_4", labels=labels)
+    with pytest.raises(common.ExperimentError, match=f"data_batch_4 is not a CIFAR-10 batch: .*{fact}"):
+        common.load_cifar10(tmp_path)
 
 
 def test_truncated_batch_is_a_clear_error(data_dir, tmp_path):
@@ -35,7 +87,7 @@ def test_truncated_batch_is_a_clear_error(data_dir, tmp_path):
 def test_malformed_batch_is_a_clear_error(data_dir, tmp_path):
     folder = copy_of(data_dir, tmp_path)
     with open(folder / "test_batch", "wb") as file:
-        pickle.dump({b"data": torch.zeros(5, 100, dtype=torch.uint8).numpy(), b"labels": [0] * 5}, file)
+        pickle.dump({b"data": np.zeros((5, 100), dtype=np.uint8), b"labels": [0] * 5}, file)
     with pytest.raises(common.ExperimentError, match="test_batch is not a CIFAR-10 batch"):
         common.load_cifar10(tmp_path)
 
@@ -44,6 +96,24 @@ def test_missing_batch_is_a_clear_error(data_dir, tmp_path):
     folder = copy_of(data_dir, tmp_path)
     (folder / "data_batch_5").unlink()
     with pytest.raises(common.ExperimentError, match="data_batch_5 is missing"):
+        common.load_cifar10(tmp_path)
+
+
+def test_a_file_given_as_the_data_folder_is_named_as_such(tmp_path):
+    (tmp_path / "cifar.bin").write_bytes(b"x")
+    with pytest.raises(common.ExperimentError, match="is a file"):
+        common.load_cifar10(tmp_path / "cifar.bin")
+
+
+def test_a_damaged_archive_is_named_not_downloaded_again(tmp_path, monkeypatch):
+    import torchvision.datasets.utils
+
+    def download(*args, **kwargs):
+        raise AssertionError("no download: the archive is there")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", download)
+    (tmp_path / common.ARCHIVE).write_bytes(b"not a tar.gz")
+    with pytest.raises(common.ExperimentError, match="cifar-10-python.tar.gz is damaged"):
         common.load_cifar10(tmp_path)
 
 
@@ -82,72 +152,28 @@ def image_indices(batches):
 
 
 def test_training_batches_shuffle_every_epoch_and_repeat_with_the_seed():
-    batches = common.Batches(indexed_split(100), 8, "cpu", (0, 0, 0), (1, 1, 1), train=True, seed=3)
-    first = image_indices(batches)
+    batches = common.Batches(indexed_split(100), 8, "cpu", (0, 0, 0), (1, 1, 1), seed=3)
+    first = image_indices(batches.epoch(0))
     assert len(first) == 96 and len(set(first)) == 96  # the incomplete last batch is dropped
-    batches.set_epoch(1)
-    second = image_indices(batches)
+    second = image_indices(batches.epoch(1))
     assert second != first
-    again = common.Batches(indexed_split(100), 8, "cpu", (0, 0, 0), (1, 1, 1), train=True, seed=3)
-    again.set_epoch(1)
-    assert image_indices(again) == second
-
-
-def test_processes_get_disjoint_shards_of_the_same_permutation():
-    shards = [image_indices(common.Batches(indexed_split(100), 10, "cpu", (0, 0, 0), (1, 1, 1), train=True,
-                                           rank=rank, world_size=2)) for rank in (0, 1)]
-    assert len(shards[0]) == len(shards[1]) == 50
-    assert not set(shards[0]) & set(shards[1])
+    again = common.Batches(indexed_split(100), 8, "cpu", (0, 0, 0), (1, 1, 1), seed=3)
+    assert image_indices(again.epoch(1)) == second and image_indices(again.epoch(0)) == first
 
 
 def test_evaluation_batches_keep_order_and_every_image():
-    batches = common.Batches(indexed_split(100), 32, "cpu", (0, 0, 0), (1, 1, 1))
-    assert image_indices(batches) == list(range(100))
+    assert image_indices(common.Batches(indexed_split(100), 32, "cpu", (0, 0, 0), (1, 1, 1))) == list(range(100))
 
 
-def test_batch_larger_than_the_data_is_a_clear_error():
-    with pytest.raises(common.ExperimentError, match="batch size 512 is larger"):
-        common.Batches(indexed_split(100), 512, "cpu", (0, 0, 0), (1, 1, 1), train=True)
-
-
-def test_crops_and_flips_differ_per_image_and_stay_inside_the_padding():
-    torch.manual_seed(0)
-    image = torch.randn(1, 3, 40, 40)
-    batch = image.expand(64, 3, 40, 40)
-    crops = common.random_crop_flip(batch, 32, torch.Generator().manual_seed(0))
-    assert crops.shape == (64, 3, 32, 32)
-    windows = {(top, left, flipped) for top in range(9) for left in range(9) for flipped in (False, True)}
-    found = set()
-    for crop in crops:
-        matches = [(t, l, f) for t, l, f in windows
-                   if torch.equal(crop, image[0, :, t:t + 32, l:l + 32].flip(2) if f else image[0, :, t:t + 32, l:l + 32])]
-        assert len(matches) == 1
-        found.add(matches[0])
-    assert len(found) > 40 and {flipped for _, _, flipped in found} == {False, True}
-
-
-def test_augmentation_applies_to_training_batches_only():
+def test_normalization_is_the_tutorials():
     split = common.Split(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), torch.arange(64) % 10)
-    plain = common.Batches(split, 64, "cpu", (0.5,) * 3, (0.5,) * 3)
-    augmented = common.Batches(split, 64, "cpu", (0.5,) * 3, (0.5,) * 3, train=True, augment=True)
-    (images, _), = list(plain)
-    assert torch.allclose(images, (split.images.float() / 255 - 0.5) / 0.5, atol=1e-6)
-    (crops, labels), = list(augmented)
-    assert crops.shape == (64, 3, 32, 32) and labels.shape == (64,)
+    (images, labels), = list(common.Batches(split, 64, "cpu", (0.5,) * 3, (0.5,) * 3))
+    assert torch.allclose(images, (split.images.float() / 255 - 0.5) / 0.5, atol=1e-6) and labels.shape == (64,)
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "linear"])
-def test_schedule_warms_up_then_decays(schedule):
-    factors = [common.lr_factor(step, 100, schedule, warmup_steps=10) for step in range(100)]
-    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
-    assert all(a < b for a, b in zip(factors[:10], factors[1:10]))
-    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
-    assert factors[-1] < 0.02
-
-
-def test_step_schedule_halves_every_twenty_epochs():
-    factor = [common.lr_factor(epoch * 10, 500, "step", steps_per_epoch=10) for epoch in (0, 19, 20, 40)]
-    assert factor == [1.0, 1.0, 0.5, 0.25]
+def test_evaluating_a_model_in_training_mode_is_refused():
+    with pytest.raises(RuntimeError, match="model.eval"):
+        common.evaluate(torch.nn.Linear(2, 2), common.Batches(indexed_split(4), 4, "cpu", (0,) * 3, (1,) * 3))
 
 
 CONFIGS = [dict(num_epochs=1, lr=0.1, momentum=0.9, batch_size=4), dict(num_epochs=2, lr=0.2, momentum=0.9, batch_size=4)]
@@ -160,6 +186,19 @@ def test_unknown_config_number_is_an_error_listing_the_valid_ones(capsys):
     assert "invalid choice: 3 (choose from 1, 2)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, option", [
+    (["--seed", "-1"], "--seed"), (["--seed", "4294967296"], "--seed"), (["--momentum", "-1"], "--momentum"),
+    (["--momentum", "2"], "--momentum"), (["--momentum", "nan"], "--momentum"), (["--lr", "nan"], "--lr"),
+    (["--lr", "inf"], "--lr"), (["--lr", "0"], "--lr"), (["--epochs", "0"], "--epochs"),
+    (["--batch-size", "-4"], "--batch-size"), (["--subset", "x"], "--subset"), (["--log-interval", "-1"], "--log-interval"),
+    (["--configs", "1", "1"], "--configs"), (["--out-dir", ""], "--out-dir"), (["--data-dir", ""], "--data-dir")])
+def test_bad_values_are_refused_with_argparses_line(argv, option, capsys):
+    with pytest.raises(SystemExit) as exit:
+        common.parse_args("test", CONFIGS, argv)
+    error = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and "error: argument " + option in error[-1]
+
+
 def new_run(tmp_path, *argv):
     return common.Run("x.py", common.parse_args("test", CONFIGS, ["--out-dir", str(tmp_path), *argv]))
 
@@ -167,6 +206,7 @@ def new_run(tmp_path, *argv):
 def test_overrides_apply_to_the_chosen_configs(tmp_path):
     run = new_run(tmp_path, "--configs", "2", "--epochs", "7", "--lr", "0.5")
     assert list(run.configs(CONFIGS)) == [("config_2", dict(num_epochs=7, lr=0.5, momentum=0.9, batch_size=4))]
+    assert run.changed == ["epochs", "lr"]
 
 
 def test_list_configs(capsys):
@@ -182,27 +222,29 @@ def test_help_shows_each_default_once_and_no_none(capsys):
     text = capsys.readouterr().out
     assert "(default: None)" not in text and "(default: False)" not in text
     assert text.count("(default: all)") == 1 and "(default: ./data)" in text and "(default: 1)" in text
+    assert "--evaluate" in text and "--resume [RUN]" in text
 
 
-def test_unwritable_output_folder_is_a_clear_error(tmp_path):
+def test_unwritable_output_folder_is_one_line_naming_it(tmp_path):
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(common.ExperimentError, match="cannot write to output folder"):
-        new_run(tmp_path / "file" / "out")
+    completed = run_script("lenet_cpu.py", "--out-dir", tmp_path / "file" / "out")
+    assert completed.returncode == 1 and "Traceback" not in completed.stderr
+    assert completed.stderr.count("\n") == 1 and str(tmp_path / "file") in completed.stderr
 
 
-def test_each_run_gets_a_new_folder(tmp_path):
-    folders = [new_run(tmp_path).run_dir for _ in range(2)]
+def test_each_run_gets_a_new_folder_and_other_files_are_not_runs(tmp_path):
+    (tmp_path / "run_009").write_text("a file, not a run folder")
+    folders = [new_run(tmp_path).new_run_dir() for _ in range(2)]
     assert [f.name for f in folders] == ["run_001", "run_002"]
 
 
-def test_data_parallel_only_for_one_process_with_several_gpus():
-    assert common.gpus_driven(torch.device("cuda"), 4) == 4
-    assert common.gpus_driven(torch.device("cuda"), 1) == 1
-    assert common.gpus_driven(torch.device("cpu"), 4) == 1
-    assert common.gpus_driven(torch.device("cuda"), 4, world_size=4) == 1  # torchrun: DDP, one GPU each
+def test_one_gpu_or_the_cpu_trains_without_data_parallel(tmp_path):
+    assert new_run(tmp_path, "--device", "cpu").gpu_count == 1
 
 
-def test_model_stays_unwrapped_on_the_cpu(tmp_path):
-    run = new_run(tmp_path, "--device", "cpu")
-    model = torch.nn.Linear(2, 2)
-    assert run.place(model) is model and run.gpu_count == 1 and run.world_size == 1
+def test_results_files_are_strict_json(tmp_path):
+    with pytest.raises(ValueError):  # NaN is no JSON: results store null instead
+        common.write_json(tmp_path / "x.json", {"loss": float("nan")})
+    assert not list(tmp_path.iterdir())  # neither the file nor its temporary
+    common.write_json(tmp_path / "x.json", {"loss": None})
+    assert json.loads((tmp_path / "x.json").read_text()) == {"loss": None}

@@ -20,6 +20,13 @@ def history(folder):
     return json.loads((folder / "results.json").read_text())["history"]
 
 
+def wait_for_epochs(process, folder, count):
+    deadline = time.monotonic() + 120
+    while not ((folder / "results.json").exists() and len(history(folder)) >= count):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("signal_number, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_then_resume_matches_an_uninterrupted_run(signal_number, status, data_dir, tmp_path):
     """Ctrl-C and SIGTERM (kill, job schedulers) alike: epochs saved, one resume line, same result."""
@@ -31,31 +38,42 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(signal_number, statu
     command = [sys.executable, "lenet_cpu.py", *arguments, "--out-dir", str(tmp_path / "interrupted")]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     folder = tmp_path / "interrupted" / "run_001" / "config_1"
-    deadline = time.monotonic() + 120
-    while not ((folder / "results.json").exists() and len(history(folder)) >= 2):
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for_epochs(process, folder, 2)
     process.send_signal(signal_number)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == status
     assert "Traceback" not in stderr
     message = stderr.strip().splitlines()
-    assert len(message) == 1 and "continue with: python lenet_cpu.py" in message[0] and message[0].endswith("--resume")
+    assert len(message) == 1 and "continue with: python lenet_cpu.py" in message[0]
+    assert message[0].endswith("--resume run_001")  # names the run it continues
     interrupted = json.loads((folder / "results.json").read_text())
     finished = len(interrupted["history"])
     assert interrupted["status"] == "interrupted" and 2 <= finished < 60
 
-    assert not (tmp_path / "interrupted" / "latest").exists()  # latest leads to complete runs only
-    resumed = subprocess.run([*command, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert not (tmp_path / "interrupted" / "latest").exists()  # latest names complete runs only
+    resumed = subprocess.run([*command, "--resume", "run_001"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming after epoch {finished}" in resumed.stdout
     straight = tmp_path / "straight" / "run_001" / "config_1"
     assert [e["epoch"] for e in history(folder)] == list(range(1, 61))
-    assert (tmp_path / "interrupted" / "latest").resolve() == folder.parent.resolve()
-    strip = [{k: v for k, v in e.items() if k != "seconds"} for e in history(straight)]
-    assert [{k: v for k, v in e.items() if k != "seconds"} for e in history(folder)] == strip
+    assert (tmp_path / "interrupted" / "latest").read_text().strip() == "run_001"
+    strip = [{k: v for k, v in e.items() if k not in ("seconds", "warmup_seconds")} for e in history(straight)]
+    assert [{k: v for k, v in e.items() if k not in ("seconds", "warmup_seconds")} for e in history(folder)] == strip
     final, reference = torch.load(folder / "model.pth"), torch.load(straight / "model.pth")
     assert all(torch.equal(final[key], reference[key]) for key in reference)
+
+
+def test_two_quick_ctrl_c_end_with_one_message(data_dir, tmp_path):
+    command = [sys.executable, "lenet_cpu.py", "--data-dir", str(data_dir), "--epochs", "60", "--log-interval", "0",
+               "--out-dir", str(tmp_path)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_epochs(process, tmp_path / "run_001" / "config_1", 2)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.15)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1 and stderr.strip().endswith("--resume run_001")
 
 
 def test_resume_skips_finished_configs_and_refuses_changed_ones(data_dir, tmp_path, capsys):
@@ -66,7 +84,7 @@ def test_resume_skips_finished_configs_and_refuses_changed_ones(data_dir, tmp_pa
     assert "config_1: already completed" in capsys.readouterr().out
     assert (tmp_path / "run_001" / "config_1" / "model.pth").read_bytes() == before
     assert not (tmp_path / "run_002").exists()
-    with pytest.raises(common.ExperimentError, match="was run with"):
+    with pytest.raises(common.ExperimentError, match="trained with config .* not .*'lr': 0.5"):
         lenet_cpu.main([*arguments, "--resume", "--lr", "0.5"])
 
 
@@ -83,22 +101,26 @@ def test_diverging_config_is_marked_and_the_next_one_runs(data_dir, tmp_path, ca
     test_batches = run.batches(data.test, 100)
     trained_epochs = []
     for name, config in run.configs(configs):
-        model = run.place(lenet_cpu.Net())
+        model = lenet_cpu.Net()
         optimizer = optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"])
         train_batches = run.batches(data.train, config["batch_size"], train=True)
-        record = run.record(name, config, model, optimizer)
-        for epoch in record.epochs():
+        record = common.Record(run, name, config, model, optimizer)
+        for epoch in record.epochs(train_batches.steps):
             trained_epochs.append((name, epoch))
-            loss, accuracy = common.train_one_epoch(model, train_batches, optimizer, torch.nn.CrossEntropyLoss())
-            record.add_epoch(loss, accuracy, 0.1, test_accuracy=common.evaluate(model, test_batches))
+            lenet_cpu.train(model, train_batches.epoch(epoch), torch.nn.CrossEntropyLoss(), optimizer, record)
+            record.add_epoch(0.1, test_accuracy=common.evaluate(model.eval(), test_batches))
         record.finish(test_batches)
     assert run.finish() == 1
     assert trained_epochs == [("config_1", 0), ("config_2", 0)]  # no epoch after the divergence
     error = capsys.readouterr().err
     assert "config_1 diverged: the training loss is nan in epoch 1; try a lower learning rate than 1000000.0" in error
     run_dir = tmp_path / "run_001"
-    diverged = json.loads((run_dir / "config_1" / "results.json").read_text())
-    assert diverged["status"] == "diverged" and len(diverged["history"]) == 1
+
+    def no_nan(text):
+        raise ValueError(f"{text} is not JSON")
+
+    diverged = json.loads((run_dir / "config_1" / "results.json").read_text(), parse_constant=no_nan)
+    assert diverged["status"] == "diverged" and diverged["history"][0]["train_loss"] is None
     assert json.loads((run_dir / "config_2" / "results.json").read_text())["status"] == "completed"
 
 
@@ -114,7 +136,7 @@ def test_ctrl_c_after_the_last_epoch_says_what_is_saved(data_dir, tmp_path, monk
     assert exit.value.code == 130
     message = capsys.readouterr().err.strip()
     assert "nothing was saved" not in message and f"saved in {tmp_path / 'run_001'}: config_1 completed" in message
-    assert message.endswith("--resume")
+    assert message.endswith("--resume run_001")
     monkeypatch.undo()
     assert lenet_cpu.main([*arguments, "--resume"]) == 0
     assert "config_1: already completed" in capsys.readouterr().out
@@ -125,14 +147,11 @@ def test_ctrl_c_in_the_final_evaluation_keeps_the_epochs_for_resume(data_dir, tm
 
     arguments = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "5", "--subset", "64",
                  "--epochs", "1", "--batch-size", "32"]
-    evaluate = common.evaluate
 
-    def interrupted_tta(model, batches, per_class=False, flip_tta=False):
-        if flip_tta:
-            raise KeyboardInterrupt
-        return evaluate(model, batches, per_class)
+    def interrupted_tta(model, batches):
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(common, "evaluate", interrupted_tta)
+    monkeypatch.setattr(resnet18, "flip_tta_accuracy", interrupted_tta)
     with pytest.raises(SystemExit) as exit:
         common.run_main(lambda: resnet18.main(arguments))
     assert exit.value.code == 130
@@ -156,6 +175,7 @@ def interrupted_run(data_dir, tmp_path):
     results["status"] = "interrupted"
     (folder / "results.json").write_text(json.dumps(results))
     (folder / "model.pth").unlink()
+    (folder.parent / "summary.json").unlink()
     return [*arguments, "--resume"], folder
 
 
@@ -164,20 +184,20 @@ def truncate(path):
 
 
 def replace_checkpoint(path, **changes):
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     torch.save({**state, **changes}, path)
 
 
 DAMAGES = {
-    "checkpoint cut short": (lambda folder: truncate(folder / "checkpoint.pt"), "checkpoint.pt is damaged"),
-    "results cut short": (lambda folder: truncate(folder / "results.json"), "results.json is damaged"),
-    "results not a run's": (lambda folder: (folder / "results.json").write_text("[1, 2]"), "results.json is damaged"),
+    "checkpoint cut short": (lambda folder: truncate(folder / "checkpoint.pt"), "checkpoint.pt: it is damaged"),
+    "results cut short": (lambda folder: truncate(folder / "results.json"), "results.json: it is damaged"),
+    "results not a run's": (lambda folder: (folder / "results.json").write_text("[1, 2]"), "results.json: it is damaged"),
     "checkpoint of another config": (lambda folder: replace_checkpoint(folder / "checkpoint.pt", config={"lr": 1}),
-                                     "checkpoint.pt is of config"),
+                                     "checkpoint.pt: it does not fit .*it is of config"),
     "checkpoint of another model": (lambda folder: replace_checkpoint(folder / "checkpoint.pt",
                                                                       model=torch.nn.Linear(2, 2).state_dict()),
-                                    "checkpoint.pt does not fit config_1 of lenet_cpu.py"),
-    "checkpoint missing": (lambda folder: (folder / "checkpoint.pt").unlink(), "checkpoint.pt is missing"),
+                                    "checkpoint.pt: it does not fit this model"),
+    "checkpoint missing": (lambda folder: (folder / "checkpoint.pt").unlink(), "checkpoint.pt: it is missing"),
     "results missing": (lambda folder: (folder / "results.json").unlink(), "has no results.json beside it"),
 }
 
@@ -190,7 +210,7 @@ def test_damaged_run_files_stop_resume_with_one_line_and_change_nothing(damage, 
     before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
     with pytest.raises(common.ExperimentError, match=message) as error:
         lenet_cpu.main(arguments)
-    assert f"delete {folder} to train config_1 again" in str(error.value)
+    assert f"cannot resume {folder.parent}" in str(error.value) and f"delete {folder}" in str(error.value)
     assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
 
 
@@ -198,7 +218,7 @@ def test_completed_config_without_its_weights_is_a_clear_error(data_dir, tmp_pat
     arguments = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
     assert lenet_cpu.main(arguments) == 0
     (tmp_path / "run_001" / "config_1" / "model.pth").unlink()
-    with pytest.raises(common.ExperimentError, match="model.pth is missing"):
+    with pytest.raises(common.ExperimentError, match="model.pth: it is missing"):
         lenet_cpu.main([*arguments, "--resume"])
 
 
@@ -206,7 +226,7 @@ def test_results_of_another_script_are_refused(data_dir, tmp_path):
     arguments, folder = interrupted_run(data_dir, tmp_path)
     results = json.loads((folder / "results.json").read_text())
     (folder / "results.json").write_text(json.dumps({**results, "script": "resnet18.py"}))
-    with pytest.raises(common.ExperimentError, match="written by resnet18.py, not lenet_cpu.py"):
+    with pytest.raises(common.ExperimentError, match="trained with script resnet18.py, not lenet_cpu.py"):
         lenet_cpu.main(arguments)
 
 
@@ -217,7 +237,7 @@ def test_damaged_results_from_the_command_line_end_with_one_line(data_dir, tmp_p
                                text=True, timeout=120)
     assert completed.returncode == 1 and "Traceback" not in completed.stderr
     lines = completed.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --resume: ") and "results.json is damaged" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error: cannot resume ") and "results.json: it is damaged" in lines[0]
 
 
 def sigterm_then_wait():
