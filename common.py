@@ -8,6 +8,7 @@ and per config config_N/: model.pth (a plain state_dict), checkpoint.pt (for --r
 
 import argparse
 import codecs
+import contextlib
 import json
 import math
 import os
@@ -58,6 +59,7 @@ def run_main(main):
     if sigterm == signal.SIG_DFL:  # a run told to ignore SIGTERM keeps ignoring it
         signal.signal(signal.SIGTERM, _raise_stopped)
     Run.active = None
+    sys.stdout.reconfigure(line_buffering=True)  # lines as they come, also into a pipe or a file
     try:
         status = main()
     except (ExperimentError, KeyboardInterrupt, OSError) as stop:
@@ -73,10 +75,8 @@ def run_main(main):
             cause += f"\n{saved}" if status == 1 else f"; {saved}"
         elif status != 1:
             cause += " before training started; nothing was saved"
-        try:
+        with contextlib.suppress(OSError):  # stderr may be closed too
             print(cause, file=sys.stderr, flush=True)
-        except OSError:  # stderr is closed too
-            pass
         for number, handler in handlers:
             signal.signal(number, handler)
     signal.signal(signal.SIGTERM, sigterm)
@@ -355,8 +355,7 @@ class Run:
         saved = [f"{r.name} {r.result['status']}" for r in self.records if r is not current]
         if current is not None:
             current.result["status"] = "interrupted"
-            saved.append(f"{current.name} after {len(current.result['history'])} of {current.config['num_epochs']}"
-                         f" epochs")
+            saved.append(f"{current.name} at epoch {len(current.result['history'])}/{current.config['num_epochs']}")
             try:
                 current._write_results()
             except ExperimentError:  # a full disk, say: its files stay as its last epoch left them
@@ -464,11 +463,6 @@ class Record:
         run.records.append(self)
         self.folder.mkdir(exist_ok=True)
 
-    @property
-    def train_seconds(self):
-        """Seconds of every epoch's training steps, warm-up and evaluation left out."""
-        return sum(entry["seconds"] for entry in self.result["history"])
-
     def epochs(self, steps):
         """The 0-based epochs still to train (`steps` steps each) until the config diverges. An epoch's random draws
         (dropout, crops, flips) are seeded by the seed and epoch alone: a resumed run draws what a whole one would."""
@@ -504,29 +498,30 @@ class Record:
                 print(f"at this pace the run takes about {duration(left)}; for a short run, add {self.run.short_run}")
 
     def add_epoch(self, seconds, **accuracies):
-        """Records an epoch: its figures, the checkpoint and results.json; then prints it."""
+        """Records an epoch once its checkpoint and results.json are saved; then prints it."""
         history = self.result["history"]
         loss, train_accuracy = self.loss_sum.item() / self.done, 100.0 * self.correct.item() / self.images
-        history.append({"epoch": len(history) + 1, "train_loss": loss if math.isfinite(loss) else None,
-                        "train_accuracy": train_accuracy, **accuracies, "seconds": seconds - self.warmup_seconds})
+        entry = {"epoch": len(history) + 1, "train_loss": loss if math.isfinite(loss) else None,
+                 "train_accuracy": train_accuracy, **accuracies, "seconds": seconds - self.warmup_seconds}
         if self.warmup_steps:
-            history[-1]["warmup_seconds"] = self.warmup_seconds
-        self.run.epochs_left -= 1
+            entry["warmup_seconds"] = self.warmup_seconds
         if not math.isfinite(loss):
+            history.append(entry)
             self.result["status"] = "diverged"
-            self.run.epochs_left -= self.config["num_epochs"] - len(history)  # never to be trained
+            self.run.epochs_left -= self.config["num_epochs"] - len(history) + 1  # never to be trained
             self._write_results()
             return print(f"{self.name} diverged: the training loss is {loss} in epoch {len(history)}; try a lower "
                          f"learning rate than {self.config['lr']} (--lr)", file=sys.stderr)
-        save_torch(self.folder / "checkpoint.pt", {"config": self.config, "epoch": len(history), "history": history,
-                                                   "model": unwrap(self.model).state_dict(),
-                                                   "optimizer": self.optimizer.state_dict()})
+        save_torch(self.folder / "checkpoint.pt", {"config": self.config, "epoch": entry["epoch"], "history": [
+            *history, entry], "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict()})
+        history.append(entry)
+        self.run.epochs_left -= 1
         self._write_results()
         evaluated = "val" if self.result["validation"] else "test"
         wall_per_epoch = (time.perf_counter() - self.started) / (len(history) - self.start_epoch)
         print(f"{self.name} epoch {len(history)}/{self.config['num_epochs']}: loss {loss:.3f}, train "
               f"{train_accuracy:.2f}%, {evaluated} {accuracies[evaluated + '_accuracy']:.2f}%, "
-              f"{history[-1]['seconds']:.1f} s; {duration(wall_per_epoch * self.run.epochs_left)} left in the run")
+              f"{entry['seconds']:.1f} s; {duration(wall_per_epoch * self.run.epochs_left)} left in the run")
 
     def finish(self, test_batches, **extra):
         """After the last epoch: final figures (`extra` too), model.pth, results.json, pictures; once only."""
@@ -547,7 +542,7 @@ class Record:
 
     def _write_results(self):
         result, reported = self.result, self.result["reported"] or {}
-        result["train_seconds"] = self.train_seconds
+        result["train_seconds"] = sum(entry["seconds"] for entry in result["history"])  # warm-up, evaluation left out
         result["warmup_seconds"] = sum(entry.get("warmup_seconds", 0.0) for entry in result["history"])
         result["versus_report"] = None
         if not result["not_compared"] and "final_test_accuracy" in result and "test_accuracy" in reported:
@@ -575,8 +570,9 @@ class Record:
                 raise refuse(checkpoint_file, "it has no results.json beside it")
             return 0
         saved = _load(results_file, refuse)
-        now = {"script": self.run.script, "config": self.config, "data": self.run.data, "seed": self.run.args.seed,
-               "subset": self.run.args.subset, "dry_run": self.run.args.dry_run, "device_type": self.run.device.type}
+        now = {"script": self.run.script, "config": self.config, "seed": self.run.args.seed,
+               "subset": self.run.args.subset, "dry_run": self.run.args.dry_run, "device_type": self.run.device.type,
+               "data": self.run.data}
         for key, before in ((key, {**saved.get("environment", {}), **saved}.get(key)) for key in now):
             if before != now[key]:
                 raise refuse(results_file, f"it was trained with {key} {before}, not {now[key]} (resume with those)")
@@ -614,7 +610,9 @@ def _load(path, refuse, load=None):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise refuse(path, "it is missing") from None
-    except Exception as error:  # cut short, not a torch file, or holding more than tensors and data
+    except pickle.UnpicklingError:  # torch's weights_only refusal
+        raise refuse(path, "it holds more than tensors and plain data (code to run), so it is not loaded") from None
+    except Exception as error:  # cut short, or not a torch file
         raise refuse(path, f"it is damaged ({first_line(error)})") from None
     try:
         if load:

@@ -94,7 +94,7 @@ def main(argv=None):
             record.add_epoch(seconds, train_eval_accuracy=common.evaluate(model, train_eval_batches),  # overfitting
                              test_accuracy=common.evaluate(model, test_batches))
         record.finish(test_batches)
-        print(f"{name}: Training time: {record.train_seconds:.2f} seconds (its epochs' training steps)")
+        print(f"{name}: Training time: {record.result['train_seconds']:.2f} seconds (its epochs' training steps)")
     return run.finish(compare_key="dropout_rate")
 
 

@@ -101,7 +101,7 @@ def main(argv=None):
                   f"{record.result['final_test_accuracy']:.2f} %")
             for label, class_accuracy in record.result["per_class_test_accuracy"].items():
                 print(f"Accuracy for class: {label:5s} is {class_accuracy:.1f} %")
-        print(f"{name}: Training time: {record.train_seconds:.2f} seconds")
+        print(f"{name}: Training time: {record.result['train_seconds']:.2f} seconds")
     return run.finish()
 
 

@@ -90,7 +90,7 @@ def main(argv=None):
             model.eval()
             record.add_epoch(seconds, test_accuracy=common.evaluate(model, test_batches))
         record.finish(test_batches)
-        print(f"{name}: Training time: {record.train_seconds:.2f} seconds (its epochs' training steps)")
+        print(f"{name}: Training time: {record.result['train_seconds']:.2f} seconds (its epochs' training steps)")
     return run.finish()
 
 

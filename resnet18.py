@@ -206,7 +206,7 @@ def main(argv=None):
         if record.result["status"] == "running":  # every epoch trained: neither diverged nor ended before --resume
             tta = round(flip_tta_accuracy(model.eval(), test_batches), 2)
             record.finish(test_batches, flip_tta_test_accuracy=tta)
-        print(f"{name}: Training time: {record.train_seconds:.2f} seconds (its epochs' training steps)")
+        print(f"{name}: Training time: {record.result['train_seconds']:.2f} seconds (its epochs' training steps)")
     return run.finish()
 
 

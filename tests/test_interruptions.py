@@ -155,7 +155,7 @@ def test_ctrl_c_in_the_final_evaluation_keeps_the_epochs_for_resume(data_dir, tm
     with pytest.raises(SystemExit) as exit:
         common.run_main(lambda: resnet18.main(arguments))
     assert exit.value.code == 130
-    assert "config_5 after 1 of 1 epochs" in capsys.readouterr().err
+    assert "config_5 at epoch 1/1" in capsys.readouterr().err
     folder = tmp_path / "run_001" / "config_5"
     assert json.loads((folder / "results.json").read_text())["status"] == "interrupted"
     monkeypatch.undo()
