@@ -73,7 +73,7 @@ def main(argv=None):
     args = common.parse_args(__doc__, CONFIGS, argv)
     if args.evaluate:
         return common.evaluate_saved(args, DropoutNet(0.0))  # in eval mode the rate does not matter
-    run = common.Run(__file__, args, short_run="--configs 1 2 --subset 5000 (a few minutes)")
+    run = common.Run(__file__, args, short_run="--configs 1 2 --subset 5000")
     data = run.load_data()
     test_batches = run.batches(data.test, 1000)
     train_eval_batches = run.batches(data.train, 1000)  # the training images, evaluated in eval mode

@@ -4,11 +4,11 @@ The tutorial, "Training a Classifier" (https://pytorch.org/tutorials/beginner/bl
 trains this Net with batch size 4 and SGD (lr 0.001, momentum 0.9) on images normalized with mean 0.5
 and std 0.5, for 2 epochs, printing the running loss every 2000 batches. The course ran 5 epochs
 (CONFIGS). train() below is the tutorial's loop, step for step. What differs from the tutorial, for
-speed and bookkeeping; none of it changes what a step computes:
+speed and bookkeeping; none of it changes the mathematics of a step:
   - the images are held as one normalized tensor and shuffled by a seeded permutation every epoch:
     no PIL images, no DataLoader workers;
   - one CPU thread, PyTorch's own convolution instead of oneDNN's, and SGD's fused kernel (the same
-    update in one kernel): the fastest step for batches of 4 images;
+    update rule, computed in one kernel): the fastest step for batches of 4 images;
   - the test set is evaluated after every epoch (curves.png); the final accuracy is the last epoch's;
   - each epoch saves results.json and a checkpoint (Ctrl-C, then --resume), the end confusion.png.
 With --device cuda it trains on a GPU in fp32, the report's precision.
@@ -76,7 +76,7 @@ def main(argv=None):
     # one thread and PyTorch's plain convolution make the fastest CPU step.
     torch.set_num_threads(1)
     torch.backends.mkldnn.enabled = False
-    run = common.Run(__file__, args, short_run="--subset 10000 (about 15 s)")
+    run = common.Run(__file__, args, short_run="--subset 10000")
     data = run.load_data()
     test_batches = run.batches(data.test, 1000)
     for name, config in run.configs(CONFIGS):
@@ -84,7 +84,7 @@ def main(argv=None):
         model = torch.compile(model) if args.compile else model
         criterion = nn.CrossEntropyLoss()
         optimizer = optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
-                              fused=True)  # the same update in one kernel
+                              fused=True)  # the same update rule in one kernel
         train_batches = run.batches(data.train, config["batch_size"], train=True)
         # the config's history and checkpoints; with --resume it goes on from the last checkpoint
         record = common.Record(run, name, config, model, optimizer, reported=REPORTED[name])

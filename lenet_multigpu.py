@@ -2,9 +2,8 @@
 
 One process drives all visible GPUs: nn.DataParallel splits every batch across them, runs a replica of
 the model on each and gathers the outputs (on one GPU or the CPU the model runs unwrapped). It trains in
-fp32, the report's precision (PyTorch's defaults: cuDNN may use TF32 for convolutions on Ampere and
-newer GPUs, as in the report's runs). The whole dataset sits on the device, so no DataLoader work is
-timed. Every config's training time is the sum of its epochs' training steps, timed after waiting for
+fp32, the report's precision (with PyTorch's defaults, cuDNN may use TF32 for convolutions on Ampere and
+newer GPUs). The whole dataset sits on the device, so no DataLoader work is timed. Every config's training time is the sum of its epochs' training steps, timed after waiting for
 the GPUs (common.clock); evaluation and the first steps' warm-up are left out. test_accuracy.png
 overlays the test accuracy of every config of a run.
 
@@ -70,7 +69,7 @@ def main(argv=None):
     args = common.parse_args(__doc__, CONFIGS, argv)
     if args.evaluate:
         return common.evaluate_saved(args, Net())
-    run = common.Run(__file__, args, short_run="--configs 4 --subset 5000 (about 1 min)")
+    run = common.Run(__file__, args, short_run="--configs 4 --subset 5000")
     data = run.load_data()
     test_batches = run.batches(data.test, 1000)
     for name, config in run.configs(CONFIGS):

@@ -173,7 +173,7 @@ def main(argv=None):
     args = common.parse_args(__doc__, CONFIGS, argv)
     if args.evaluate:
         return common.evaluate_saved(args, ResNet18(), CIFAR10_MEAN, CIFAR10_STD)
-    run = common.Run(__file__, args, CIFAR10_MEAN, CIFAR10_STD, short_run="--subset 2000 --epochs 2 (about 6 min)")
+    run = common.Run(__file__, args, CIFAR10_MEAN, CIFAR10_STD, short_run="--subset 2000 --epochs 2")
     data = run.load_data()
     test_batches = run.batches(data.test, 1000)
     for name, config in run.configs(CONFIGS):

@@ -41,9 +41,9 @@ def timed_run(command):
 
 def write_full_size(source, target):
     """Copies a CIFAR-10 folder, repeating its images up to 10,000 per batch file (pickle layout kept)."""
-    data = common.load_cifar10(source, download=False)
+    data = common.load_cifar10(source)
     target.mkdir(parents=True)
-    for name, split in [(n, data.train) for n in common.TRAIN_FILES] + [(common.TEST_FILE, data.test)]:
+    for name, split in [(n, data.train) for n in common.FILES[:5]] + [(common.FILES[5], data.test)]:
         repeats = -(-10_000 // len(split))
         images = split.images.repeat(repeats, 1, 1, 1)[:10_000].reshape(10_000, -1).numpy()
         labels = split.labels.repeat(repeats)[:10_000].tolist()
@@ -66,7 +66,7 @@ def main():
     with tempfile.TemporaryDirectory() as out_dir:
         if args.full_size:
             data_dir = str(Path(out_dir) / "full-size")
-            write_full_size(args.data_dir, Path(data_dir) / common.CIFAR10_FOLDER)
+            write_full_size(args.data_dir, Path(data_dir) / common.FOLDER)
         programs = {
             "tutorial DataLoader loop": [sys.executable, "benchmarks/tutorial_lenet.py", "--data-dir", data_dir,
                                          "--epochs", str(args.epochs)],
