@@ -281,7 +281,7 @@ class Run:
         if args.compile and self.gpu_count > 1:
             raise ExperimentError("--compile cannot reach nn.DataParallel's replicas (each runs uncompiled in its own "
                                   "thread): drop --compile, or make one GPU visible (CUDA_VISIBLE_DEVICES=0)")
-        self.estimating = self.device.type == "cpu"  # a GPU's first seconds are warm-up: no estimate from them
+        self.estimating = self.device.type == "cpu"  # CPU only: timing a GPU step would mean waiting for it
         self.changed = [option for option in ("epochs", "lr", "momentum", "batch_size", "subset", "dry_run")
                         if getattr(args, option)]  # settings other than the report's: no comparison with it
         self.out_dir = Path(args.out_dir or Path("modelset") / Path(script).stem)
@@ -491,11 +491,13 @@ class Record:
             total = self.loss_sum.item()
             print(f"[{self.epoch + 1}, {self.done:5d}] loss: {(total - self.logged_loss) / interval:.3f}")
             self.logged_loss = total
-        if self.run.estimating and time.perf_counter() > self.epoch_started + 5:
+        warm = self.epoch_started + self.warmup_seconds  # the warm-up's end: the pace is taken after it
+        if self.run.estimating and self.done > self.warmup_steps and time.perf_counter() > warm + 5:
             self.run.estimating = False
-            left = (time.perf_counter() - self.epoch_started) / self.done * self.steps * self.run.epochs_left
+            left = (time.perf_counter() - warm) / (self.done - self.warmup_steps) * self.steps * self.run.epochs_left
             if left > 600:
-                print(f"at this pace the run takes about {duration(left)}; for a short run, add {self.run.short_run}")
+                short = f"python {self.run.script} {self.run.short_run}"
+                print(f"at this pace its training alone takes {duration(left)}; a short run: {short}")
 
     def add_epoch(self, seconds, **accuracies):
         """Records an epoch once its checkpoint and results.json are saved; then prints it."""

@@ -15,11 +15,20 @@ The report (4x A100): configs 1-3 reached 47.63 / 60.25 / 65.75%; configs 4-10 r
 64.99, 63.11, 56.45, 59.44, 58.02% in 263.94, 181.47, 259.07, 180.19, 260.93, 181.00, 163.23 s (REPORTED
 below; the summary prints ours beside them). Aim on one H100: 20 s or less per 50-epoch config, not yet
 measured (no GPU has been lent to this repository). Measured on the full CIFAR-10 (a JPEG copy) on a
-2-core CPU, torch 2.14.1 (modelset/reference/lenet_multigpu/; README.md has the table):
+2-core CPU, torch 2.14.1, one thread, two runs at a time (modelset/reference/lenet_multigpu/; README.md
+has the whole table and what it shows):
 
-    config     1      2      3      4      5      6      7      8      9      10
-    report   47.63  60.25  65.75  62.00  62.50  64.99  63.11  56.45  59.44  58.02
-    ours     46.71  58.75  63.21  61.64  59.63  57.86  62.73  55.94  58.37  63.36
+    config | report | ours   | training time
+    1      | 47.63% | 46.61% | 462 s
+    2      | 60.25% | 59.37% | 774 s
+    3      | 65.75% | 63.23% | 1541 s
+    4      | 62.00% | 62.10% | 561 s
+    5      | 62.50% | 59.53% | 482 s
+    6      | 64.99% | 59.88% | 578 s     peaks at 64.16% in epoch 19, then overfits
+    7      | 63.11% | 62.17% | 490 s
+    8      | 56.45% | 55.88% | 550 s
+    9      | 59.44% | 58.02% | 442 s
+    10     | 58.02% | 63.85% | 390 s     config 2's first 50 epochs
 """
 
 import torch

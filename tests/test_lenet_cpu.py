@@ -68,10 +68,31 @@ def test_a_long_cpu_run_says_so_early_with_how_to_shorten_it(data_dir, tmp_path,
     monkeypatch.setattr(time, "perf_counter", lambda: next(steps) * 10.0)  # every step seems to take seconds
     assert lenet_cpu.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    estimates = [line for line in lines if line.startswith("at this pace the run takes about")]
+    estimates = [line for line in lines if line.startswith("at this pace its training alone takes")]
     assert len(estimates) == 1 and "--subset" in estimates[0]
     epochs = [line for line in lines if line.startswith("config_1 epoch") and "loss" in line]
     assert len(epochs) == 2 and all(line.endswith("left in the run") for line in epochs)
+
+
+@pytest.mark.parametrize("seconds_per_step, estimate", [(1.0, None), (20.0, "33 min")])
+def test_the_estimate_leaves_the_slow_warm_up_steps_out(data_dir, tmp_path, monkeypatch, capsys,
+                                                       seconds_per_step, estimate):
+    import itertools
+    import time
+
+    now, forwards, forward = [0.0], itertools.count(), lenet_cpu.Net.forward
+
+    def timed_forward(model, images):  # the clock moves only in training: 1000 s for each warm-up step
+        now[0] += 1000.0 if next(forwards) < common.WARMUP_STEPS else seconds_per_step
+        return forward(model, images)
+
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(lenet_cpu.Net, "forward", timed_forward)
+    assert lenet_cpu.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "2"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("at this pace")]
+    assert lines == ([] if estimate is None else [lines[0]])
+    if estimate:  # 50 steps of batch 4 per epoch, 2 epochs, at 20 s a step
+        assert f"takes {estimate};" in lines[0]
 
 
 def test_durations_read_as_a_person_would():
