@@ -288,7 +288,7 @@ class Run:
         self.out_dir.mkdir(parents=True, exist_ok=True)  # an unwritable folder is reported now, before the data
         if args.resume is not None:
             self.run_dir = self._locked(self._resumed_run_dir())
-        self.describe = (f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)" if self.device.type == "cpu"
+        self.describe = (f"cpu ({platform.machine()}, threads: {torch.get_num_threads()})" if self.device.type == "cpu"
                          else ", ".join(torch.cuda.get_device_name(i) for i in range(self.gpu_count)))
         print(f"training on {self.describe}")
 

@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,15 @@ def write_cifar10(folder, per_batch=40, test_count=100, seed=0):
     with open(folder / "batches.meta", "wb") as file:
         pickle.dump({"num_cases_per_batch": per_batch, "label_names": labels, "num_vis": 3072}, file)
     return folder
+
+
+@pytest.fixture(autouse=True, scope="session")
+def scripts_can_be_interrupted():
+    """A shell starts a background job (`pytest ... &`, nohup) with Ctrl-C ignored, and the scripts the tests
+    start would inherit that and ignore it too, as they should. Handled here, SIGINT reaches them as usual."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session")

@@ -96,20 +96,21 @@ def test_compile_is_refused_with_several_gpus(tmp_path, monkeypatch):
 
 def test_the_warm_up_of_the_first_steps_is_timed_apart(data_dir, tmp_path, monkeypatch, capsys):
     """Compilation and cuDNN autotuning happen in a config's first steps: a slow first step stands in for them."""
-    forward, calls = lenet_cpu.Net.forward, []
+    now, forward = [0.0], lenet_cpu.Net.forward
 
-    def slow_first_forward(self, x):
-        calls.append(1)
-        if len(calls) == 1:
-            time.sleep(1.0)
-        return forward(self, x)
+    def timed_forward(model, images):  # the clock moves only here: 1000 s for the first step, 1 s for the others
+        now[0] += 1.0 if now[0] else 1000.0
+        return forward(model, images)
 
-    monkeypatch.setattr(lenet_cpu.Net, "forward", slow_first_forward)
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(lenet_cpu.Net, "forward", timed_forward)
     assert lenet_cpu.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "2"]) == 0
     results = json.loads((tmp_path / "run_001" / "config_1" / "results.json").read_text())
     first, second = results["history"]
-    assert first["warmup_seconds"] >= 1.0 and "warmup_seconds" not in second
-    assert first["seconds"] < 1.0 and results["train_seconds"] == first["seconds"] + second["seconds"]
+    steps, warmup = 200 // 4, common.WARMUP_STEPS  # 200 training images, batch 4
+    assert first["warmup_seconds"] == 1000 + warmup - 1 and "warmup_seconds" not in second
+    assert first["seconds"] == steps - warmup and second["seconds"] == steps
+    assert results["train_seconds"] == first["seconds"] + second["seconds"]
     assert results["warmup_seconds"] == first["warmup_seconds"]
     assert f"(+ {results['warmup_seconds']:.2f} s warm-up)" in capsys.readouterr().out
 
