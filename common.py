@@ -676,11 +676,11 @@ def _plot(path, panels, same_scale=False):
     for axis, (title, ylabel, lines) in zip(axes, panels):
         for label, result, key in lines:
             points = [(entry["epoch"], entry[key]) for entry in result["history"] if entry.get(key) is not None]
-            if points:
-                axis.plot(*zip(*points), label=label, marker="." if len(points) < 30 else None)
+            axis.plot(*zip(*points), label=label, marker="." if len(points) < 30 else None)  # no points: no line
         axis.set(title=title, xlabel="epoch", ylabel=ylabel)
         axis.grid(alpha=0.3)
-        axis.legend(fontsize="small")
+        if axis.lines:  # a config that diverged in its first epoch has no curve
+            axis.legend(fontsize="small")
     write_file(path, lambda temporary: figure.savefig(temporary, dpi=110, format="png"))
 
 
