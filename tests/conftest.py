@@ -1,10 +1,12 @@
 """Tiny CIFAR-10 files in the original `cifar-10-batches-py` pickle layout, and script helpers."""
 
+import itertools
 import os
 import pickle
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +72,21 @@ def real_data_dir():
     if not folder or not Path(folder).is_dir():
         pytest.skip("CIFAR10_DIR does not point at real CIFAR-10 files")
     return Path(folder)
+
+
+def time_lenet_steps(monkeypatch, seconds_of_call):
+    """A clock for timing tests: time.perf_counter stands still except in lenet_cpu.Net's forward, whose n-th call
+    (0-based, evaluation's too) moves it by seconds_of_call(n) seconds."""
+    import lenet_cpu
+
+    now, calls, forward = [0.0], itertools.count(), lenet_cpu.Net.forward
+
+    def timed_forward(model, images):
+        now[0] += seconds_of_call(next(calls))
+        return forward(model, images)
+
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(lenet_cpu.Net, "forward", timed_forward)
 
 
 def run_script(*args, env=None):

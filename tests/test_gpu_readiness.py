@@ -5,7 +5,6 @@ On a GPU machine, run `python -m pytest tests` first: the tests marked `cuda` th
 
 import json
 import threading
-import time
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ import l2_regularization
 import lenet_cpu
 import lenet_multigpu
 import resnet18
-from conftest import run_script
+from conftest import run_script, time_lenet_steps
 from test_interruptions import interrupted_run
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -96,14 +95,7 @@ def test_compile_is_refused_with_several_gpus(tmp_path, monkeypatch):
 
 def test_the_warm_up_of_the_first_steps_is_timed_apart(data_dir, tmp_path, monkeypatch, capsys):
     """Compilation and cuDNN autotuning happen in a config's first steps: a slow first step stands in for them."""
-    now, forward = [0.0], lenet_cpu.Net.forward
-
-    def timed_forward(model, images):  # the clock moves only here: 1000 s for the first step, 1 s for the others
-        now[0] += 1.0 if now[0] else 1000.0
-        return forward(model, images)
-
-    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
-    monkeypatch.setattr(lenet_cpu.Net, "forward", timed_forward)
+    time_lenet_steps(monkeypatch, lambda call: 1000.0 if call == 0 else 1.0)  # the first step: 1000 s, others 1 s
     assert lenet_cpu.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "2"]) == 0
     results = json.loads((tmp_path / "run_001" / "config_1" / "results.json").read_text())
     first, second = results["history"]

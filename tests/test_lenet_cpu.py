@@ -8,7 +8,7 @@ import torch
 
 import common
 import lenet_cpu
-from conftest import run_script
+from conftest import run_script, time_lenet_steps
 
 
 def test_net_is_the_tutorial_lenet():
@@ -62,10 +62,7 @@ def test_the_report_is_compared_only_for_its_own_config(data_dir, tmp_path, monk
 
 
 def test_a_long_cpu_run_says_so_early_with_how_to_shorten_it(data_dir, tmp_path, monkeypatch, capsys):
-    import time
-
-    steps = iter(range(10**6))
-    monkeypatch.setattr(time, "perf_counter", lambda: next(steps) * 10.0)  # every step seems to take seconds
+    time_lenet_steps(monkeypatch, lambda call: 10.0)  # every step seems to take seconds
     assert lenet_cpu.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     estimates = [line for line in lines if line.startswith("at this pace its training alone takes")]
@@ -77,20 +74,11 @@ def test_a_long_cpu_run_says_so_early_with_how_to_shorten_it(data_dir, tmp_path,
 @pytest.mark.parametrize("seconds_per_step, estimate", [(1.0, None), (20.0, "33 min")])
 def test_the_estimate_leaves_the_slow_warm_up_steps_out(data_dir, tmp_path, monkeypatch, capsys,
                                                        seconds_per_step, estimate):
-    import itertools
-    import time
-
-    now, forwards, forward = [0.0], itertools.count(), lenet_cpu.Net.forward
-
-    def timed_forward(model, images):  # the clock moves only in training: 1000 s for each warm-up step
-        now[0] += 1000.0 if next(forwards) < common.WARMUP_STEPS else seconds_per_step
-        return forward(model, images)
-
-    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
-    monkeypatch.setattr(lenet_cpu.Net, "forward", timed_forward)
+    # 1000 s for each warm-up step; the estimate comes within the first epoch's steps
+    time_lenet_steps(monkeypatch, lambda call: 1000.0 if call < common.WARMUP_STEPS else seconds_per_step)
     assert lenet_cpu.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "2"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("at this pace")]
-    assert lines == ([] if estimate is None else [lines[0]])
+    assert len(lines) == (0 if estimate is None else 1)
     if estimate:  # 50 steps of batch 4 per epoch, 2 epochs, at 20 s a step
         assert f"takes {estimate};" in lines[0]
 
