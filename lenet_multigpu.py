@@ -3,9 +3,10 @@
 One process drives all visible GPUs: nn.DataParallel splits every batch across them, runs a replica of
 the model on each and gathers the outputs (on one GPU or the CPU the model runs unwrapped). It trains in
 fp32, the report's precision (with PyTorch's defaults, cuDNN may use TF32 for convolutions on Ampere and
-newer GPUs). The whole dataset sits on the device, so no DataLoader work is timed. Every config's training time is the sum of its epochs' training steps, timed after waiting for
-the GPUs (common.clock); evaluation and the first steps' warm-up are left out. test_accuracy.png
-overlays the test accuracy of every config of a run.
+newer GPUs). The whole dataset sits on the device, so no DataLoader work is timed. Every config's
+training time is the sum of its epochs' training steps, timed after waiting for the GPUs (common.clock);
+evaluation and the first steps' warm-up are left out. test_accuracy.png overlays the test accuracy of
+every config of a run.
 
     python lenet_multigpu.py --configs 3       # the report's best: 200 epochs, 65.75%
     python lenet_multigpu.py                   # all ten configs, outputs in modelset/lenet_multigpu/

@@ -66,7 +66,7 @@ def main():
         seconds.append(common.clock(device) - started)
     steady = statistics.median(seconds[1:])
     images_per_second = batches.steps * config["batch_size"] / steady
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, threads: {torch.get_num_threads()}"
     print(f"device: {name}, batch size {config['batch_size']}, compile: {args.compile}")
     print(f"first epoch (warm-up): {seconds[0]:.2f} s; steady: {images_per_second:,.0f} training images/s, "
           f"{steady:.2f} s per epoch of {args.images:,} images")

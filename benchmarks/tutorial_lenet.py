@@ -28,7 +28,8 @@ class CIFAR10Images(torch.utils.data.Dataset):
     """One split as torchvision's CIFAR10 serves it: a PIL image through the transform, and the label."""
 
     def __init__(self, split, transform):
-        self.images, self.labels, self.transform = split.images.permute(0, 2, 3, 1).numpy(), split.labels.tolist(), transform
+        self.images = split.images.permute(0, 2, 3, 1).numpy()  # height, width, channels: as PIL wants them
+        self.labels, self.transform = split.labels.tolist(), transform
 
     def __len__(self):
         return len(self.labels)
