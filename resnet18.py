@@ -22,7 +22,7 @@ schedule. The flip test-time-augmentation accuracy is reported apart, never as t
 The report (one A100): 86.09, 88.59, 88.40, 89.56% for configs 1-4 in 186.00, 300.44, 298.37, 305.84 s
 of training (REPORTED below; the summary prints ours beside them). Aim for config 5: 94% or more in 25
 epochs and 30 s of training on one H100. None of these is measured yet: no GPU has been lent to this
-repository. On a 2-core CPU config 5's training would take about 13 h 30 min (the script says so once its
+repository. On a 2-core CPU config 5's training would take 13 h 30 min to 14 h (the script says so once its
 first steps are timed).
 """
 
