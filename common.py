@@ -16,6 +16,7 @@ import pickle
 import platform
 import shlex
 import signal
+import subprocess
 import sys
 import time
 import zlib
@@ -81,6 +82,22 @@ def run_main(main):
             signal.signal(number, handler)
     signal.signal(signal.SIGTERM, sigterm)
     sys.exit(status)
+
+
+def code_version(script):
+    """{"commit": the git commit of the script's checkout, "changed": whether its tracked files differ from
+    it}, so that a result names the code that made it; None values outside a git checkout."""
+    folder = Path(script).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
+                                timeout=10)
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=folder, capture_output=True,
+                                 timeout=10)
+    except (OSError, subprocess.SubprocessError):  # no git on this machine
+        return {"commit": None, "changed": None}
+    if commit.returncode != 0:
+        return {"commit": None, "changed": None}
+    return {"commit": commit.stdout.strip(), "changed": changed.returncode != 0}
 
 
 def first_line(error):
@@ -269,6 +286,7 @@ class Run:
 
     def __init__(self, script, args, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), short_run="--subset 5000 --epochs 2"):
         self.script, self.args, self.mean, self.std, self.short_run = Path(script).name, args, mean, std, short_run
+        self.script_path = Path(script)
         self.records, self.epochs_left, self.data, self.run_dir, self._lock = [], 0, {}, None, None
         Run.active = self
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
@@ -308,8 +326,10 @@ class Run:
         data = load_cifar10(self.args.data_dir)
         if self.args.subset:
             data = Cifar10(*(Split(s.images[:self.args.subset], s.labels[:self.args.subset]) for s in data))
+        labels = torch.cat([data.train.labels, data.test.labels])
+        images_crc32 = zlib.crc32(data.test.images.numpy().tobytes(), zlib.crc32(data.train.images.numpy().tobytes()))
         self.data = {"train_images": len(data.train.labels), "test_images": len(data.test.labels),
-                     "labels_crc32": zlib.crc32(torch.cat([data.train.labels, data.test.labels]).numpy().tobytes())}
+                     "labels_crc32": zlib.crc32(labels.numpy().tobytes()), "images_crc32": images_crc32}
         print(f"CIFAR-10: {len(data.train.labels)} training and {len(data.test.labels)} test images")
         return data
 
@@ -445,7 +465,7 @@ class Record:
     trains the epochs epochs() yields, calls add() after each step and add_epoch() after each epoch, which saves
     results.json and a complete checkpoint (--resume goes on from it). A NaN loss ends the config, "diverged"."""
 
-    def __init__(self, run, name, config, model, optimizer, validation=False, reported=None):
+    def __init__(self, run, name, config, model, optimizer, validation=False, reported=None, precision="fp32"):
         self.run, self.name, self.config, self.model, self.optimizer = run, name, config, model, optimizer
         self.folder, self.started = run.new_run_dir() / name, time.perf_counter()
         environment = {"torch": torch.__version__, "python": platform.python_version(),
@@ -453,8 +473,9 @@ class Record:
                        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
                        "torch_cuda_build": torch.version.cuda, "cpu_threads": torch.get_num_threads(),
                        "data_parallel": run.gpu_count > 1, "compile": run.args.compile, "seed": run.args.seed,
-                       "subset": run.args.subset, "dry_run": run.args.dry_run, "command": sys.argv}
-        self.result = {"name": name, "script": run.script, "status": "running", "config": config,
+                       "subset": run.args.subset, "dry_run": run.args.dry_run, "command": sys.argv,
+                       "code": code_version(run.script_path)}
+        self.result = {"name": name, "script": run.script, "status": "running", "config": config, "precision": precision,
                        "validation": validation, "reported": reported, "data": run.data, "history": [],
                        "not_compared": reported and run.changed and f"other {', '.join(run.changed)}" or None,
                        "environment": environment}
@@ -574,7 +595,7 @@ class Record:
         saved = _load(results_file, refuse)
         now = {"script": self.run.script, "config": self.config, "seed": self.run.args.seed,
                "subset": self.run.args.subset, "dry_run": self.run.args.dry_run, "device_type": self.run.device.type,
-               "data": self.run.data}
+               "data": self.run.data, "precision": self.result["precision"]}
         for key, before in ((key, {**saved.get("environment", {}), **saved}.get(key)) for key in now):
             if before != now[key]:
                 raise refuse(results_file, f"it was trained with {key} {before}, not {now[key]} (resume with those)")

@@ -88,8 +88,9 @@ class BasicBlock(nn.Module):
 class ResNet18(nn.Module):
     """ResNet-18 for 32x32 images: a 3x3 stem, no max-pool, four stages of two BasicBlocks (torchvision's names)."""
 
-    def __init__(self, num_classes=10):
+    def __init__(self, num_classes=10, compute_dtype=torch.float32):
         super().__init__()
+        self.compute_dtype = compute_dtype  # bf16 for autocast, or float32 for none
         self.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.layer1 = nn.Sequential(BasicBlock(64, 64, 1), BasicBlock(64, 64, 1))
@@ -99,12 +100,24 @@ class ResNet18(nn.Module):
         self.fc = nn.Linear(512, num_classes)
 
     def forward(self, x):
-        # bf16 autocast on GPUs, here inside forward: nn.DataParallel runs each replica in a thread of its own,
+        # autocast here inside forward: nn.DataParallel runs each replica in a thread of its own,
         # and autocast's dtype is per thread (torch's parallel_apply would re-enter it as float16)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda):
+        bf16 = self.compute_dtype == torch.bfloat16
+        with torch.autocast(x.device.type, dtype=self.compute_dtype, enabled=bf16):
             x = F.relu(self.bn1(self.conv1(x)))
             x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
             return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1)).float()
+
+
+def compute_dtype(device):
+    """bf16 where `device` computes it natively: every GPU here, and a CPU with AVX512-BF16 or AMX (1.9x
+    fp32's speed on a 2-core AVX512-BF16 CPU, docs/DEVELOPING.md); else float32, since a CPU without
+    them emulates bf16 more slowly than it computes fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        return torch.bfloat16
+    return torch.float32
 
 
 def augment(images):
@@ -120,6 +133,11 @@ def augment(images):
     crops = padded[torch.arange(count, device=device)[:, None, None], :, rows, columns].permute(0, 3, 1, 2)
     flip = torch.rand(count, device=device) < 0.5
     return torch.where(flip[:, None, None, None], crops.flip(3), crops)
+
+
+def precision_name(dtype):
+    """How results.json names the precision: "bf16 autocast, channels_last" or "fp32"."""
+    return "bf16 autocast, channels_last" if dtype == torch.bfloat16 else "fp32"
 
 
 def get_lr(step, config, steps_per_epoch):
@@ -163,7 +181,7 @@ def train(model, batches, criterion, optimizer, record, config, first_step, step
         if config["augment"]:
             images = augment(images)
         optimizer.zero_grad()
-        outputs = model(images)  # bf16 on GPUs
+        outputs = model(images)  # in bf16 where the device computes it natively
         loss = criterion(outputs, labels)
         loss.backward()
         optimizer.step()
@@ -184,8 +202,9 @@ def main(argv=None):
             train_split = common.Split(data.train.images[:keep], data.train.labels[:keep])
             val_batches = run.batches(common.Split(data.train.images[keep:], data.train.labels[keep:]), 1000)
         train_batches = run.batches(train_split, config["batch_size"], train=True)
-        model = ResNet18().to(run.device)
-        if run.device.type == "cuda":
+        dtype = compute_dtype(run.device)
+        model = ResNet18(compute_dtype=dtype).to(run.device)
+        if dtype == torch.bfloat16:
             model = model.to(memory_format=torch.channels_last)  # the layout bf16 convolutions run fastest in
         if run.gpu_count > 1:
             model = nn.DataParallel(model)  # one process splits every batch over all visible GPUs
@@ -194,7 +213,8 @@ def main(argv=None):
         optimizer = optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
                               nesterov=config["nesterov"], weight_decay=config["weight_decay"])
         record = common.Record(run, name, config, model, optimizer, validation=val_batches is not None,
-                               reported=REPORTED.get(name))  # with --resume: from the last checkpoint
+                               reported=REPORTED.get(name), precision=precision_name(dtype))
+        # with --resume: from the last checkpoint
         steps = train_batches.steps
         for epoch in record.epochs(steps):
             started = common.clock(run.device)  # waits for the GPU, so the time is this epoch's alone

@@ -36,11 +36,12 @@ def test_resume_loads_checkpoints_onto_the_cpu_whatever_the_training_device(data
                                                                          "optimizer"]
 
 
-def test_resnet_keeps_its_own_precision_in_a_replica_thread():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resnet_keeps_its_own_precision_in_a_replica_thread(dtype):
     """nn.DataParallel runs each replica in a thread that re-enters autocast with the device's default dtype
     (float16 on CUDA). A CPU thread in float16 autocast stands in for one: the model's own precision holds there
-    (fp32 on the CPU; bf16 on a GPU, which test_data_parallel_replicas_compute_in_bf16 checks)."""
-    model = resnet18.ResNet18().eval()
+    (on a GPU, test_data_parallel_replicas_compute_in_bf16 checks it)."""
+    model = resnet18.ResNet18(compute_dtype=dtype).eval()
     seen = []
     model.conv1.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
 
@@ -51,7 +52,7 @@ def test_resnet_keeps_its_own_precision_in_a_replica_thread():
     thread = threading.Thread(target=replica)
     thread.start()
     thread.join()
-    assert seen == [torch.float32]
+    assert seen == [dtype]
 
 
 def test_lenet_scripts_train_in_fp32_without_autocast(data_dir, tmp_path, monkeypatch):
@@ -67,8 +68,8 @@ def test_lenet_scripts_train_in_fp32_without_autocast(data_dir, tmp_path, monkey
         assert script.main(["--configs", "4", "--dry-run", "--data-dir", str(data_dir),
                             "--out-dir", str(tmp_path / str(number))]) == 0
     assert entered == []
-    resnet18.ResNet18()(torch.randn(1, 3, 32, 32))
-    assert entered == [torch.bfloat16]  # ResNet-18 enters bf16 autocast (active on GPUs only)
+    resnet18.ResNet18(compute_dtype=torch.bfloat16)(torch.randn(1, 3, 32, 32))
+    assert entered == [torch.bfloat16]  # ResNet-18 enters autocast in the dtype it is given
 
 
 def test_torchrun_is_refused_with_one_line(monkeypatch):
@@ -131,7 +132,9 @@ def test_every_script_dry_runs_on_cuda(script, argv, data_dir, tmp_path):
 
 @cuda
 def test_resnet_computes_in_bf16_and_lenet_in_fp32_on_cuda():
-    resnet, lenet = resnet18.ResNet18().cuda().to(memory_format=torch.channels_last), lenet_cpu.Net().cuda()
+    dtype = resnet18.compute_dtype(torch.device("cuda"))
+    resnet = resnet18.ResNet18(compute_dtype=dtype).cuda().to(memory_format=torch.channels_last)
+    lenet = lenet_cpu.Net().cuda()
     resnet_dtypes, lenet_dtypes = conv1_dtypes(resnet), conv1_dtypes(lenet)
     resnet(torch.randn(8, 3, 32, 32, device="cuda")).sum().backward()
     lenet(torch.randn(8, 3, 32, 32, device="cuda")).sum().backward()
@@ -141,7 +144,7 @@ def test_resnet_computes_in_bf16_and_lenet_in_fp32_on_cuda():
 
 @several_gpus
 def test_data_parallel_replicas_compute_in_bf16():
-    model = nn.DataParallel(resnet18.ResNet18().cuda())
+    model = nn.DataParallel(resnet18.ResNet18(compute_dtype=torch.bfloat16).cuda())
     seen = conv1_dtypes(model.module)
     model(torch.randn(8 * torch.cuda.device_count(), 3, 32, 32, device="cuda"))
     assert seen == [torch.bfloat16] * torch.cuda.device_count()
