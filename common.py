@@ -18,6 +18,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections import namedtuple
@@ -197,10 +198,19 @@ class Batches:
 
 
 def clock(device):
-    """time.perf_counter() once the GPU has finished the work queued so far."""
+    """time.perf_counter() once every visible GPU has finished the work queued so far: nn.DataParallel's
+    replicas run on all of them, and synchronizing the first GPU alone would not wait for the others."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(index)
     return time.perf_counter()
+
+
+def lenet_compile_mode(device):
+    """torch.compile's mode for LeNet's small steps: on a GPU "reduce-overhead", which replays each step
+    as a CUDA graph (one launch instead of one per kernel); on a CPU, where launches cost nothing
+    extra, the default."""
+    return "reduce-overhead" if device.type == "cuda" else "default"
 
 
 @torch.no_grad()
@@ -284,7 +294,10 @@ class Run:
 
     active = None  # the run in progress, for run_main
 
-    def __init__(self, script, args, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), short_run="--subset 5000 --epochs 2"):
+    def __init__(self, script, args, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), short_run="--subset 5000 --epochs 2",
+                 data_parallel=False):
+        """data_parallel: the script wraps its model in nn.DataParallel when gpu_count > 1; gpu_count then
+        counts every visible GPU. Otherwise it is 1: the script trains on one device."""
         self.script, self.args, self.mean, self.std, self.short_run = Path(script).name, args, mean, std, short_run
         self.script_path = Path(script)
         self.records, self.epochs_left, self.data, self.run_dir, self._lock = [], 0, {}, None, None
@@ -295,7 +308,9 @@ class Run:
             raise ExperimentError("--device cuda: no CUDA GPU is visible; use --device cpu")
         self.device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
         torch.backends.cudnn.benchmark = self.device.type == "cuda"  # fixed sizes: cuDNN times its kernels once
-        self.gpu_count = torch.cuda.device_count() if self.device.type == "cuda" else 1  # DataParallel when > 1
+        self.gpu_count = 1
+        if data_parallel and self.device.type == "cuda":
+            self.gpu_count = torch.cuda.device_count()  # the script wraps in nn.DataParallel when > 1
         if args.compile and self.gpu_count > 1:
             raise ExperimentError("--compile cannot reach nn.DataParallel's replicas (each runs uncompiled in its own "
                                   "thread): drop --compile, or make one GPU visible (CUDA_VISIBLE_DEVICES=0)")
@@ -354,6 +369,8 @@ class Run:
 
     def finish(self, compare_key=None):
         """Prints the summary, writes summary.json and the comparison plots; the exit status."""
+        for record in self.records:
+            record.wait_for_saving()
         results = [record.result for record in self.records]
         if results:
             _write_summary(self.run_dir, results, compare_key)
@@ -375,11 +392,13 @@ class Run:
         saved = [f"{r.name} {r.result['status']}" for r in self.records if r is not current]
         if current is not None:
             current.result["status"] = "interrupted"
-            saved.append(f"{current.name} at epoch {len(current.result['history'])}/{current.config['num_epochs']}")
+            still_running = ""
             try:
-                current._write_results()
-            except ExperimentError:  # a full disk, say: its files stay as its last epoch left them
-                saved[-1] += " (still marked running)"
+                current._write_results()  # after the epoch being saved
+            except ExperimentError:  # a full disk, say: its files stay as its last saved epoch left them
+                still_running = " (still marked running)"
+            epochs = f"{len(current.result['history'])}/{current.config['num_epochs']}"
+            saved.append(f"{current.name} at epoch {epochs}{still_running}")
         argv = [a for a in sys.argv if a not in ("--resume", self.args.resume) and not a.startswith("--resume=")]
         return (f"saved in {self.run_dir}: {', '.join(saved) or 'no finished epoch'}; continue with: python "
                 f"{shlex.join(argv)} --resume {self.run_dir.name}")
@@ -465,12 +484,19 @@ class Record:
     trains the epochs epochs() yields, calls add() after each step and add_epoch() after each epoch, which saves
     results.json and a complete checkpoint (--resume goes on from it). A NaN loss ends the config, "diverged"."""
 
-    def __init__(self, run, name, config, model, optimizer, validation=False, reported=None, precision="fp32"):
+    def __init__(self, run, name, config, model, optimizer, validation=False, reported=None, precision="fp32",
+                 checkpointed=None):
+        """precision: how the model computes, recorded and checked on resume. checkpointed: {name: object}
+        of further state to save in every checkpoint and load on resume (a GradScaler, a scheduler),
+        each with state_dict() and load_state_dict()."""
         self.run, self.name, self.config, self.model, self.optimizer = run, name, config, model, optimizer
+        self.checkpointed = checkpointed or {}
+        self._saving, self._saving_error = None, None  # the last epoch's files, written in a thread
         self.folder, self.started = run.new_run_dir() / name, time.perf_counter()
         environment = {"torch": torch.__version__, "python": platform.python_version(),
                        "platform": platform.platform(), "device": run.describe, "device_type": run.device.type,
-                       "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+                       "gpus": [torch.cuda.get_device_name(i) for i in range(run.gpu_count)
+                                if run.device.type == "cuda"],
                        "torch_cuda_build": torch.version.cuda, "cpu_threads": torch.get_num_threads(),
                        "data_parallel": run.gpu_count > 1, "compile": run.args.compile, "seed": run.args.seed,
                        "subset": run.args.subset, "dry_run": run.args.dry_run, "command": sys.argv,
@@ -521,7 +547,9 @@ class Record:
                 print(f"at this pace its training alone takes {duration(left)}; a short run: {short}")
 
     def add_epoch(self, seconds, **accuracies):
-        """Records an epoch once its checkpoint and results.json are saved; then prints it."""
+        """Records an epoch and prints it. Its checkpoint and results.json are written in a thread while the
+        next epoch trains (a GPU epoch can take about as long as writing 90 MB); the next add_epoch,
+        finish() and an interruption wait for them."""
         history = self.result["history"]
         loss, train_accuracy = self.loss_sum.item() / self.done, 100.0 * self.correct.item() / self.images
         entry = {"epoch": len(history) + 1, "train_loss": loss if math.isfinite(loss) else None,
@@ -535,11 +563,16 @@ class Record:
             self._write_results()
             return print(f"{self.name} diverged: the training loss is {loss} in epoch {len(history)}; try a lower "
                          f"learning rate than {self.config['lr']} (--lr)", file=sys.stderr)
-        save_torch(self.folder / "checkpoint.pt", {"config": self.config, "epoch": entry["epoch"], "history": [
-            *history, entry], "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict()})
+        self.wait_for_saving()  # the previous epoch's files, before this one's replace them
+        checkpoint = {"config": self.config, "epoch": entry["epoch"], "history": [*history, entry],
+                      "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                      **{key: value.state_dict() for key, value in self.checkpointed.items()}}
+        checkpoint = cpu_copy(checkpoint)  # a snapshot: training goes on changing the tensors
         history.append(entry)
         self.run.epochs_left -= 1
-        self._write_results()
+        results_text = json_text(self._updated_result())
+        self._saving = threading.Thread(target=self._save_epoch, args=(checkpoint, results_text))
+        self._saving.start()
         evaluated = "val" if self.result["validation"] else "test"
         wall_per_epoch = (time.perf_counter() - self.started) / (len(history) - self.start_epoch)
         print(f"{self.name} epoch {len(history)}/{self.config['num_epochs']}: loss {loss:.3f}, train "
@@ -563,7 +596,30 @@ class Record:
         plot_confusion(counts, self.folder / "confusion.png", f"{self.run.script} {self.name}")
         self._write_results()
 
-    def _write_results(self):
+    def _save_epoch(self, checkpoint, results_text):
+        """In a thread: the checkpoint first, so that results.json never lists an epoch it lacks."""
+        try:
+            save_torch(self.folder / "checkpoint.pt", checkpoint)
+            write_file(self.folder / "results.json", lambda temporary: temporary.write_text(results_text))
+        except ExperimentError as error:
+            self._saving_error = error
+
+    def wait_for_saving(self):
+        """Waits for the last epoch's checkpoint and results.json. A failure to write them is raised here,
+        and that epoch taken back from the history: the files hold the one before."""
+        if self._saving is None:
+            return
+        self._saving.join()
+        error = self._saving_error
+        self._saving = None
+        self._saving_error = None
+        if error is not None:
+            self.result["history"].pop()
+            self.run.epochs_left += 1
+            raise error
+
+    def _updated_result(self):
+        """self.result with its totals and the comparison with the report brought up to date."""
         result, reported = self.result, self.result["reported"] or {}
         result["train_seconds"] = sum(entry["seconds"] for entry in result["history"])  # warm-up, evaluation left out
         result["warmup_seconds"] = sum(entry.get("warmup_seconds", 0.0) for entry in result["history"])
@@ -573,6 +629,12 @@ class Record:
                                        reported["test_accuracy"]}
             if "train_seconds" in reported:
                 result["versus_report"]["time_ratio"] = result["train_seconds"] / reported["train_seconds"]
+        return result
+
+    def _write_results(self):
+        """results.json now, once the epoch being saved is; curves.png too once the config has stopped."""
+        self.wait_for_saving()
+        result = self._updated_result()
         write_json(self.folder / "results.json", result)
         if result["status"] != "running":  # the curves once the config stops, not every epoch
             names = {"train_accuracy": "train (running, during the epoch)", "train_eval_accuracy": "train (eval mode)",
@@ -619,6 +681,8 @@ class Record:
             raise ValueError(f"it is of config {state['config']}")
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for key, value in self.checkpointed.items():
+            value.load_state_dict(state[key])
 
 
 def _load(path, refuse, load=None):
@@ -680,8 +744,25 @@ def write_file(path, write):
         raise ExperimentError(f"cannot write {path} ({reason})") from None
 
 
+def json_text(data):
+    """Strict JSON (no NaN or Infinity, which other readers refuse), indented."""
+    return json.dumps(data, indent=2, allow_nan=False) + "\n"
+
+
 def write_json(path, data):
-    write_file(path, lambda temporary: temporary.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n"))
+    text = json_text(data)
+    write_file(path, lambda temporary: temporary.write_text(text))
+
+
+def cpu_copy(state):
+    """`state` (nested dicts and lists of tensors and plain values) with every tensor copied to the CPU."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {key: cpu_copy(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(cpu_copy(value) for value in state)
+    return state
 
 
 def save_torch(path, data):

@@ -90,7 +90,7 @@ class ResNet18(nn.Module):
 
     def __init__(self, num_classes=10, compute_dtype=torch.float32):
         super().__init__()
-        self.compute_dtype = compute_dtype  # bf16 for autocast, or float32 for none
+        self.compute_dtype = compute_dtype  # autocast's dtype (bf16 or fp16), or float32 for none
         self.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.layer1 = nn.Sequential(BasicBlock(64, 64, 1), BasicBlock(64, 64, 1))
@@ -102,19 +102,22 @@ class ResNet18(nn.Module):
     def forward(self, x):
         # autocast here inside forward: nn.DataParallel runs each replica in a thread of its own,
         # and autocast's dtype is per thread (torch's parallel_apply would re-enter it as float16)
-        bf16 = self.compute_dtype == torch.bfloat16
-        with torch.autocast(x.device.type, dtype=self.compute_dtype, enabled=bf16):
+        mixed = self.compute_dtype != torch.float32
+        with torch.autocast(x.device.type, dtype=self.compute_dtype, enabled=mixed):
             x = F.relu(self.bn1(self.conv1(x)))
             x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
             return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1)).float()
 
 
 def compute_dtype(device):
-    """bf16 where `device` computes it natively: every GPU here, and a CPU with AVX512-BF16 or AMX (1.9x
-    fp32's speed on a 2-core AVX512-BF16 CPU, docs/DEVELOPING.md); else float32, since a CPU without
-    them emulates bf16 more slowly than it computes fp32."""
+    """The dtype the network computes in on `device`: bf16 where the device computes it natively (a GPU
+    from Ampere on; a CPU with AVX512-BF16 or AMX: 1.9x fp32's speed on a 2-core AVX512-BF16 CPU,
+    docs/DEVELOPING.md). Else fp16 on a GPU (a T4 or V100: cuDNN has no bf16 convolutions below
+    compute capability 8.0), trained with a GradScaler; and fp32 on a CPU, which emulates bf16 more
+    slowly than it computes fp32."""
     if device.type == "cuda":
-        return torch.bfloat16
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native else torch.float16
     if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
         return torch.bfloat16
     return torch.float32
@@ -136,8 +139,10 @@ def augment(images):
 
 
 def precision_name(dtype):
-    """How results.json names the precision: "bf16 autocast, channels_last" or "fp32"."""
-    return "bf16 autocast, channels_last" if dtype == torch.bfloat16 else "fp32"
+    """How results.json names the precision of a network computing in `dtype`."""
+    names = {torch.bfloat16: "bf16 autocast, channels_last",
+             torch.float16: "fp16 autocast with a GradScaler, channels_last", torch.float32: "fp32"}
+    return names[dtype]
 
 
 def get_lr(step, config, steps_per_epoch):
@@ -172,8 +177,9 @@ def flip_tta_accuracy(model, batches):
     return 100.0 * correct / len(batches.labels)
 
 
-def train(model, batches, criterion, optimizer, record, config, first_step, steps_per_epoch):
-    """One epoch: the learning rate of each step, augmentation, then the usual step."""
+def train(model, batches, criterion, optimizer, scaler, record, config, first_step, steps_per_epoch):
+    """One epoch: the learning rate of each step, augmentation, then the usual step. `scaler` is a
+    torch.amp.GradScaler, enabled for fp16 only (else its calls are plain backward() and step())."""
     model.train()  # BatchNorm normalizes with batch statistics and updates its running ones
     for step, (images, labels) in enumerate(batches, first_step):
         for group in optimizer.param_groups:
@@ -181,10 +187,11 @@ def train(model, batches, criterion, optimizer, record, config, first_step, step
         if config["augment"]:
             images = augment(images)
         optimizer.zero_grad()
-        outputs = model(images)  # in bf16 where the device computes it natively
+        outputs = model(images)  # in compute_dtype(device)
         loss = criterion(outputs, labels)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()  # fp16: the loss scaled up, so that small gradients do not vanish
+        scaler.step(optimizer)  # fp16: the gradients unscaled; a step with inf or NaN in them is skipped
+        scaler.update()
         record.add(loss, outputs, labels)
 
 
@@ -192,7 +199,8 @@ def main(argv=None):
     args = common.parse_args(__doc__, CONFIGS, argv)
     if args.evaluate:
         return common.evaluate_saved(args, ResNet18(), CIFAR10_MEAN, CIFAR10_STD)
-    run = common.Run(__file__, args, CIFAR10_MEAN, CIFAR10_STD, short_run="--configs 1 --subset 2000 --epochs 2")
+    run = common.Run(__file__, args, CIFAR10_MEAN, CIFAR10_STD, short_run="--configs 1 --subset 2000 --epochs 2",
+                     data_parallel=True)
     data = run.load_data()
     test_batches = run.batches(data.test, 1000)
     for name, config in run.configs(CONFIGS):
@@ -204,21 +212,25 @@ def main(argv=None):
         train_batches = run.batches(train_split, config["batch_size"], train=True)
         dtype = compute_dtype(run.device)
         model = ResNet18(compute_dtype=dtype).to(run.device)
-        if dtype == torch.bfloat16:
-            model = model.to(memory_format=torch.channels_last)  # the layout bf16 convolutions run fastest in
+        if dtype != torch.float32:
+            model = model.to(memory_format=torch.channels_last)  # the layout bf16/fp16 convolutions run fastest in
         if run.gpu_count > 1:
             model = nn.DataParallel(model)  # one process splits every batch over all visible GPUs
         model = torch.compile(model) if args.compile else model
         criterion = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
         optimizer = optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
                               nesterov=config["nesterov"], weight_decay=config["weight_decay"])
+        scaler = torch.amp.GradScaler(run.device.type, enabled=dtype == torch.float16)
+        # the config's history and checkpoints (the scaler's state too, for fp16); with --resume it goes
+        # on from the last checkpoint
         record = common.Record(run, name, config, model, optimizer, validation=val_batches is not None,
-                               reported=REPORTED.get(name), precision=precision_name(dtype))
-        # with --resume: from the last checkpoint
+                               reported=REPORTED.get(name), precision=precision_name(dtype),
+                               checkpointed={"grad_scaler": scaler} if scaler.is_enabled() else None)
         steps = train_batches.steps
         for epoch in record.epochs(steps):
             started = common.clock(run.device)  # waits for the GPU, so the time is this epoch's alone
-            train(model, train_batches.epoch(epoch), criterion, optimizer, record, config, epoch * steps, steps)
+            train(model, train_batches.epoch(epoch), criterion, optimizer, scaler, record, config,
+                  epoch * steps, steps)
             seconds = common.clock(run.device) - started
             model.eval()  # BatchNorm: the running statistics
             evaluated = {"val_accuracy": common.evaluate(model, val_batches)} if val_batches else {

@@ -93,3 +93,17 @@ def run_script(*args, env=None):
     """Runs a script of the repository as a user would; returns the completed process."""
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=600)
+
+
+def interrupt_after_epochs(monkeypatch, epochs):
+    """Ctrl-C as soon as a config has recorded `epochs` epochs; undone by monkeypatch.undo()."""
+    import common
+
+    add_epoch = common.Record.add_epoch
+
+    def add_epoch_then_stop(record, *args, **kwargs):
+        add_epoch(record, *args, **kwargs)
+        if len(record.result["history"]) == epochs:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(common.Record, "add_epoch", add_epoch_then_stop)

@@ -104,7 +104,7 @@ def test_every_committed_weights_file_fits_its_script_and_records_its_figure():
 
 
 def test_evaluate_reproduces_a_runs_figure_in_seconds(data_dir, tmp_path):
-    assert lenet_cpu.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]) == 0
+    assert lenet_cpu.main(["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]) == 0
     folder = tmp_path / "run_001" / "config_1"
     recorded = json.loads((folder / "results.json").read_text())["final_test_accuracy"]
     completed = run_script("lenet_cpu.py", "--evaluate", folder / "model.pth", "--data-dir", data_dir)

@@ -16,7 +16,7 @@ import l2_regularization
 import lenet_cpu
 import lenet_multigpu
 import resnet18
-from conftest import run_script, time_lenet_steps
+from conftest import interrupt_after_epochs, run_script, time_lenet_steps
 from test_interruptions import interrupted_run
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -65,7 +65,7 @@ def test_lenet_scripts_train_in_fp32_without_autocast(data_dir, tmp_path, monkey
 
     monkeypatch.setattr(torch, "autocast", Autocast)
     for number, script in enumerate((lenet_multigpu, l2_regularization, dropout_regularization)):
-        assert script.main(["--configs", "4", "--dry-run", "--data-dir", str(data_dir),
+        assert script.main(["--configs", "4", "--dry-run", "--device", "cpu", "--data-dir", str(data_dir),
                             "--out-dir", str(tmp_path / str(number))]) == 0
     assert entered == []
     resnet18.ResNet18(compute_dtype=torch.bfloat16)(torch.randn(1, 3, 32, 32))
@@ -86,18 +86,142 @@ def test_a_torchrun_launch_ends_with_that_line_and_no_run_folder(data_dir, tmp_p
     assert not list(tmp_path.glob("run_*"))
 
 
-def test_compile_is_refused_with_several_gpus(tmp_path, monkeypatch):
-    """dynamo does not trace into nn.DataParallel's replicas; two simulated GPUs stand in for real ones."""
+def simulate_gpus(monkeypatch, count):
+    """`count` CUDA GPUs as far as device counting and naming go (cpu stands in for them)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: f"simulated GPU {index}")
+
+
+def test_compile_is_refused_with_several_gpus_for_a_data_parallel_script(tmp_path, monkeypatch):
+    """dynamo does not trace into nn.DataParallel's replicas; two simulated GPUs stand in for real ones."""
+    simulate_gpus(monkeypatch, 2)
+    arguments = common.parse_args("", [{}], ["--out-dir", str(tmp_path), "--compile"])
     with pytest.raises(common.ExperimentError, match="--compile .*DataParallel"):
-        common.Run("x.py", common.parse_args("", [{}], ["--out-dir", str(tmp_path), "--compile"]))
+        common.Run("x.py", arguments, data_parallel=True)
+
+
+def test_only_a_data_parallel_script_counts_every_gpu(tmp_path, monkeypatch):
+    """lenet_cpu.py trains on one GPU of four (simulated): --compile is allowed, one GPU recorded."""
+    simulate_gpus(monkeypatch, 4)
+    arguments = common.parse_args("", [{}], ["--out-dir", str(tmp_path), "--compile"])
+    one_device = common.Run("lenet_cpu.py", arguments)
+    assert one_device.gpu_count == 1 and one_device.describe == "simulated GPU 0"
+    arguments = common.parse_args("", [{}], ["--out-dir", str(tmp_path)])
+    assert common.Run("lenet_multigpu.py", arguments, data_parallel=True).gpu_count == 4
+
+
+def test_the_clock_waits_for_every_gpu(monkeypatch):
+    """nn.DataParallel queues work on every GPU: the epoch's time must include the slowest (three simulated)."""
+    simulate_gpus(monkeypatch, 3)
+    synchronized = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synchronized.append(device))
+    common.clock(torch.device("cuda"))
+    assert sorted(synchronized) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("native_bf16, dtype", [(True, torch.bfloat16), (False, torch.float16)])
+def test_resnet_computes_in_fp16_on_gpus_without_native_bf16(native_bf16, dtype, monkeypatch):
+    """A T4 or V100 (compute capability 7.x) has no bf16 convolutions in cuDNN: fp16 there."""
+    asked = []
+
+    def is_bf16_supported(including_emulation=True):
+        asked.append(including_emulation)
+        return native_bf16 or including_emulation  # emulation counts as support unless excluded
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert resnet18.compute_dtype(torch.device("cuda")) == dtype and asked == [False]
+
+
+def test_resnet_in_fp16_trains_with_a_grad_scaler_and_resumes_its_state(data_dir, tmp_path, monkeypatch):
+    """The fp16 path of a GPU without native bf16, run on the CPU (which computes fp16 autocast too)."""
+    monkeypatch.setattr(resnet18, "compute_dtype", lambda device: torch.float16)
+    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "5",
+                 "--subset", "64", "--batch-size", "32", "--epochs", "2"]
+    interrupt_after_epochs(monkeypatch, 1)
+    with pytest.raises(SystemExit):
+        common.run_main(lambda: resnet18.main(arguments))
+    monkeypatch.undo()
+    monkeypatch.setattr(resnet18, "compute_dtype", lambda device: torch.float16)
+    checkpoint = torch.load(tmp_path / "run_001" / "config_5" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["grad_scaler"]["scale"] > 0  # the loss scale goes on from where it was
+    assert resnet18.main([*arguments, "--resume", "run_001"]) == 0
+    results = json.loads((tmp_path / "run_001" / "config_5" / "results.json").read_text())
+    assert results["status"] == "completed" and results["precision"].startswith("fp16 autocast with a GradScaler")
+
+
+# every LeNet script, with a config of a small batch
+LENET_SCRIPTS = [(lenet_multigpu, "4"), (l2_regularization, "1"), (dropout_regularization, "1"), (lenet_cpu, "1")]
+
+
+def test_lenet_scripts_compile_with_cuda_graphs_on_a_gpu_only(data_dir, tmp_path, monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or model)
+    for number, (script, config) in enumerate(LENET_SCRIPTS):
+        assert script.main(["--device", "cpu", "--configs", config, "--dry-run", "--compile", "--data-dir",
+                            str(data_dir), "--out-dir", str(tmp_path / str(number))]) == 0
+    assert modes == ["default"] * 4
+    assert common.lenet_compile_mode(torch.device("cuda")) == "reduce-overhead"
+
+
+def test_lenet_scripts_step_with_sgds_fused_kernel(data_dir, tmp_path, monkeypatch):
+    fused = []
+    sgd = torch.optim.SGD
+
+    class SGD(sgd):
+        def __init__(self, *args, **kwargs):
+            fused.append(kwargs.get("fused"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "SGD", SGD)
+    for number, (script, config) in enumerate(LENET_SCRIPTS):
+        assert script.main(["--device", "cpu", "--configs", config, "--dry-run", "--data-dir", str(data_dir),
+                            "--out-dir", str(tmp_path / str(number))]) == 0
+    assert fused == [True] * 4
+
+
+def test_checkpoints_are_written_off_the_training_thread(data_dir, tmp_path, monkeypatch):
+    """An epoch's checkpoint is written while the next epoch trains; every one is complete by the end."""
+    writers = []
+    save_torch = common.save_torch
+
+    def recording_save_torch(path, data):
+        writers.append((path.name, threading.current_thread() is threading.main_thread()))
+        save_torch(path, data)
+
+    monkeypatch.setattr(common, "save_torch", recording_save_torch)
+    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "3"]
+    assert lenet_cpu.main(arguments) == 0
+    assert writers == [("checkpoint.pt", False)] * 3 + [("model.pth", True)]
+    folder = tmp_path / "run_001" / "config_1"
+    assert torch.load(folder / "checkpoint.pt", weights_only=True)["epoch"] == 3
+    assert len(json.loads((folder / "results.json").read_text())["history"]) == 3
+
+
+def test_a_checkpoint_that_cannot_be_written_ends_the_run_with_the_epoch_before_saved(data_dir, tmp_path,
+                                                                                       monkeypatch):
+    save_torch = common.save_torch
+    calls = []
+
+    def full_disk_on_the_second(path, data):
+        calls.append(path.name)
+        if len(calls) == 2:
+            raise common.ExperimentError(f"cannot write {path} (No space left on device)")
+        save_torch(path, data)
+
+    monkeypatch.setattr(common, "save_torch", full_disk_on_the_second)
+    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "3"]
+    with pytest.raises(common.ExperimentError, match="No space left"):
+        lenet_cpu.main(arguments)
+    folder = tmp_path / "run_001" / "config_1"
+    assert torch.load(folder / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert len(json.loads((folder / "results.json").read_text())["history"]) == 1
 
 
 def test_the_warm_up_of_the_first_steps_is_timed_apart(data_dir, tmp_path, monkeypatch, capsys):
     """Compilation and cuDNN autotuning happen in a config's first steps: a slow first step stands in for them."""
     time_lenet_steps(monkeypatch, lambda call: 1000.0 if call == 0 else 1.0)  # the first step: 1000 s, others 1 s
-    assert lenet_cpu.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "2"]) == 0
+    assert lenet_cpu.main(["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "2"]) == 0
     results = json.loads((tmp_path / "run_001" / "config_1" / "results.json").read_text())
     first, second = results["history"]
     steps, warmup = 200 // 4, common.WARMUP_STEPS  # 200 training images, batch 4
@@ -154,14 +278,7 @@ def test_data_parallel_replicas_compute_in_bf16():
 def test_resume_on_cuda_goes_on_from_the_checkpoint(data_dir, tmp_path, monkeypatch):
     arguments = ["--configs", "4", "--epochs", "4", "--device", "cuda", "--data-dir", str(data_dir),
                  "--out-dir", str(tmp_path)]
-    add_epoch = common.Record.add_epoch
-
-    def stop_after_two(record, *args, **kwargs):
-        add_epoch(record, *args, **kwargs)
-        if len(record.result["history"]) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(common.Record, "add_epoch", stop_after_two)
+    interrupt_after_epochs(monkeypatch, 2)
     with pytest.raises(SystemExit):
         common.run_main(lambda: lenet_multigpu.main(arguments))
     monkeypatch.undo()

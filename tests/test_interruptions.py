@@ -32,7 +32,7 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(signal_number, statu
     """Ctrl-C and SIGTERM (kill, job schedulers) alike: epochs saved, one resume line, same result."""
     # 60 short epochs: seconds of training after the signal's trigger, so it lands inside an epoch
     # and not in the final evaluation and pictures (tested on their own below)
-    arguments = ["--data-dir", str(data_dir), "--epochs", "60", "--log-interval", "0"]
+    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--epochs", "60", "--log-interval", "0"]
     assert lenet_cpu.main([*arguments, "--out-dir", str(tmp_path / "straight")]) == 0
 
     command = [sys.executable, "lenet_cpu.py", *arguments, "--out-dir", str(tmp_path / "interrupted")]
@@ -64,7 +64,7 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(signal_number, statu
 
 
 def test_two_quick_ctrl_c_end_with_one_message(data_dir, tmp_path):
-    command = [sys.executable, "lenet_cpu.py", "--data-dir", str(data_dir), "--epochs", "60", "--log-interval", "0",
+    command = [sys.executable, "lenet_cpu.py", "--device", "cpu", "--data-dir", str(data_dir), "--epochs", "60", "--log-interval", "0",
                "--out-dir", str(tmp_path)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_epochs(process, tmp_path / "run_001" / "config_1", 2)
@@ -77,7 +77,7 @@ def test_two_quick_ctrl_c_end_with_one_message(data_dir, tmp_path):
 
 
 def test_resume_skips_finished_configs_and_refuses_changed_ones(data_dir, tmp_path, capsys):
-    arguments = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
+    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
     assert lenet_cpu.main(arguments) == 0
     before = (tmp_path / "run_001" / "config_1" / "model.pth").read_bytes()
     assert lenet_cpu.main([*arguments, "--resume"]) == 0
@@ -96,7 +96,7 @@ def test_resume_without_a_run_is_a_clear_error(tmp_path):
 def test_diverging_config_is_marked_and_the_next_one_runs(data_dir, tmp_path, capsys):
     configs = [dict(num_epochs=3, lr=1e6, momentum=0.9, batch_size=8),
                dict(num_epochs=1, lr=0.001, momentum=0.9, batch_size=8)]
-    run = common.Run("x.py", common.parse_args("", configs, ["--data-dir", str(data_dir), "--out-dir", str(tmp_path)]))
+    run = common.Run("x.py", common.parse_args("", configs, ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path)]))
     data = run.load_data()
     test_batches = run.batches(data.test, 100)
     trained_epochs = []
@@ -125,7 +125,7 @@ def test_diverging_config_is_marked_and_the_next_one_runs(data_dir, tmp_path, ca
 
 
 def test_ctrl_c_after_the_last_epoch_says_what_is_saved(data_dir, tmp_path, monkeypatch, capsys):
-    arguments = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
+    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
 
     def interrupted_summary(result):
         raise KeyboardInterrupt
@@ -145,7 +145,7 @@ def test_ctrl_c_after_the_last_epoch_says_what_is_saved(data_dir, tmp_path, monk
 def test_ctrl_c_in_the_final_evaluation_keeps_the_epochs_for_resume(data_dir, tmp_path, monkeypatch, capsys):
     import resnet18
 
-    arguments = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "5", "--subset", "64",
+    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "5", "--subset", "64",
                  "--epochs", "1", "--batch-size", "32"]
 
     def interrupted_tta(model, batches):
@@ -168,7 +168,7 @@ def test_ctrl_c_in_the_final_evaluation_keeps_the_epochs_for_resume(data_dir, tm
 
 def interrupted_run(data_dir, tmp_path):
     """A finished one-epoch lenet_cpu run made to look interrupted after its epoch: its arguments and folder."""
-    arguments = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
+    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
     assert lenet_cpu.main(arguments) == 0
     folder = tmp_path / "run_001" / "config_1"
     results = json.loads((folder / "results.json").read_text())
@@ -215,7 +215,7 @@ def test_damaged_run_files_stop_resume_with_one_line_and_change_nothing(damage, 
 
 
 def test_completed_config_without_its_weights_is_a_clear_error(data_dir, tmp_path):
-    arguments = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
+    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
     assert lenet_cpu.main(arguments) == 0
     (tmp_path / "run_001" / "config_1" / "model.pth").unlink()
     with pytest.raises(common.ExperimentError, match="model.pth: it is missing"):

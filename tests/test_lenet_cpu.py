@@ -18,7 +18,7 @@ def test_net_is_the_tutorial_lenet():
 
 
 def test_run_writes_results_and_never_overwrites(data_dir, tmp_path, capsys):
-    arguments = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
+    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
     assert lenet_cpu.main(arguments) == 0
     output = capsys.readouterr().out
     assert re.search(r"config_1: Configuration: \{'num_epochs': 1, 'lr': 0.001, 'momentum': 0.9, 'batch_size': 4\} "
@@ -55,7 +55,7 @@ def test_run_writes_results_and_never_overwrites(data_dir, tmp_path, capsys):
 
 def test_the_report_is_compared_only_for_its_own_config(data_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(lenet_cpu, "CONFIGS", [dict(lenet_cpu.CONFIGS[0], num_epochs=1)])  # the listed config
-    assert lenet_cpu.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path)]) == 0
+    assert lenet_cpu.main(["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "run_001" / "config_1" / "results.json").read_text())
     assert results["versus_report"]["test_accuracy_points"] == pytest.approx(results["final_test_accuracy"] - 60)
     assert f"| report: 60.00% ({results['final_test_accuracy'] - 60:+.2f} points)" in capsys.readouterr().out
@@ -63,7 +63,7 @@ def test_the_report_is_compared_only_for_its_own_config(data_dir, tmp_path, monk
 
 def test_a_long_cpu_run_says_so_early_with_how_to_shorten_it(data_dir, tmp_path, monkeypatch, capsys):
     time_lenet_steps(monkeypatch, lambda call: 10.0)  # every step seems to take seconds
-    assert lenet_cpu.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "2"]) == 0
+    assert lenet_cpu.main(["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     estimates = [line for line in lines if line.startswith("at this pace its training alone takes")]
     assert len(estimates) == 1 and "--subset" in estimates[0]
@@ -76,7 +76,7 @@ def test_the_estimate_leaves_the_slow_warm_up_steps_out(data_dir, tmp_path, monk
                                                        seconds_per_step, estimate):
     # 1000 s for each warm-up step; the estimate comes within the first epoch's steps
     time_lenet_steps(monkeypatch, lambda call: 1000.0 if call < common.WARMUP_STEPS else seconds_per_step)
-    assert lenet_cpu.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "2"]) == 0
+    assert lenet_cpu.main(["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "2"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("at this pace")]
     assert len(lines) == (0 if estimate is None else 1)
     if estimate:  # 50 steps of batch 4 per epoch, 2 epochs, at 20 s a step
@@ -88,7 +88,7 @@ def test_durations_read_as_a_person_would():
 
 
 def test_lenet_learns_the_tiny_dataset(data_dir, tmp_path):
-    arguments = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "15", "--lr", "0.01"]
+    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "15", "--lr", "0.01"]
     assert lenet_cpu.main(arguments) == 0
     results = json.loads((tmp_path / "run_001" / "config_1" / "results.json").read_text())
     assert results["final_test_accuracy"] > 60  # chance is 10%
@@ -101,14 +101,14 @@ def test_command_line_error_exits_non_zero(tmp_path):
 
 
 def test_real_cifar10_two_epochs(real_data_dir, tmp_path):
-    arguments = ["--data-dir", str(real_data_dir), "--out-dir", str(tmp_path), "--epochs", "2"]
+    arguments = ["--device", "cpu", "--data-dir", str(real_data_dir), "--out-dir", str(tmp_path), "--epochs", "2"]
     assert lenet_cpu.main(arguments) == 0
     results = json.loads((tmp_path / "run_001" / "config_1" / "results.json").read_text())
     assert results["final_test_accuracy"] > 20  # 28.8% on the 5,000-image subset; chance is 10%
 
 
 def test_dry_run_trains_two_batches_of_one_epoch(data_dir, tmp_path):
-    arguments = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--dry-run"]
+    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--dry-run"]
     assert lenet_cpu.main(arguments) == 0
     results = json.loads((tmp_path / "run_001" / "config_1" / "results.json").read_text())
     assert len(results["history"]) == 1 and results["environment"]["dry_run"]
@@ -116,7 +116,7 @@ def test_dry_run_trains_two_batches_of_one_epoch(data_dir, tmp_path):
 
 
 def test_the_tutorials_loss_line_every_2000_batches(data_dir, tmp_path, capsys):
-    assert lenet_cpu.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1",
+    assert lenet_cpu.main(["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1",
                            "--log-interval", "10"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[1, ")]
     assert [line[:9] for line in lines] == ["[1,    10", "[1,    20", "[1,    30", "[1,    40", "[1,    50"]

@@ -34,7 +34,7 @@ def read_results(folder, name):
 
 
 def test_multigpu_runs_configs_and_overlays_their_curves(data_dir, tmp_path, capsys):
-    arguments = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "3", "10", "--epochs", "1",
+    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "3", "10", "--epochs", "1",
                  "--batch-size", "32"]
     assert lenet_multigpu.main(arguments) == 0
     run = tmp_path / "run_001"
@@ -55,7 +55,7 @@ def test_the_reports_times_are_beside_its_accuracies():
 
 @pytest.mark.parametrize("script, key", [(l2_regularization, "weight_decay"), (dropout_regularization, "dropout_rate")])
 def test_regularization_script_reports_the_gap(script, key, data_dir, tmp_path, capsys):
-    arguments = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "1", "2", "--epochs", "2",
+    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "1", "2", "--epochs", "2",
                  "--batch-size", "16"]
     assert script.main(arguments) == 0
     run = tmp_path / "run_001"
@@ -86,7 +86,7 @@ def test_weight_decay_shrinks_weights_about_twenty_times_lr_times_wd_at_momentum
 
 
 def test_l2_script_leaves_smaller_weights(data_dir, tmp_path):
-    arguments = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "1", "5", "--epochs", "2",
+    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "1", "5", "--epochs", "2",
                  "--batch-size", "16", "--lr", "0.05"]
     assert l2_regularization.main(arguments) == 0
     control, decayed = (read_results(tmp_path / "run_001", n)["extra"]["weight_norm"] for n in ("config_1", "config_5"))

@@ -46,13 +46,13 @@ def interrupt_after(monkeypatch, epochs):
 
 
 def test_resume_continues_the_interrupted_run_after_another_one(data_dir, tmp_path, monkeypatch, capsys):
-    arguments = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "4", "--epochs", "4"]
+    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "4", "--epochs", "4"]
     interrupt_after(monkeypatch, 2)
     with pytest.raises(SystemExit):
         common.run_main(lambda: lenet_multigpu.main(arguments))
     assert capsys.readouterr().err.strip().endswith("--resume run_001")
     monkeypatch.undo()
-    assert lenet_multigpu.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "7",
+    assert lenet_multigpu.main(["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "7",
                                 "--epochs", "1"]) == 0  # another run in between: run_002
     before = {path: path.read_bytes() for path in (tmp_path / "run_002").rglob("*") if path.is_file()}
     assert lenet_multigpu.main([*arguments, "--resume"]) == 0
@@ -65,7 +65,7 @@ def test_resume_continues_the_interrupted_run_after_another_one(data_dir, tmp_pa
 
 
 def test_resume_of_a_run_that_is_not_there_names_the_runs_that_are(data_dir, tmp_path):
-    arguments = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
+    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
     assert lenet_cpu.main(arguments) == 0
     (tmp_path / "run_009").write_text("a file, not a run")
     with pytest.raises(common.ExperimentError, match="--resume run_009: no run folder .*run_009; the runs in .*: run_001"):
@@ -85,7 +85,7 @@ def test_resume_with_other_settings_is_refused_naming_the_difference(change, set
 
 
 def test_summary_lists_every_config_the_run_folder_holds(data_dir, tmp_path):
-    arguments = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
+    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
     assert lenet_multigpu.main([*arguments, "--configs", "5", "7"]) == 0
     assert lenet_multigpu.main([*arguments, "--configs", "5", "--resume"]) == 0
     summary = json.loads((tmp_path / "run_001" / "summary.json").read_text())
@@ -93,20 +93,20 @@ def test_summary_lists_every_config_the_run_folder_holds(data_dir, tmp_path):
 
 
 def test_a_run_in_use_is_refused_naming_its_process(data_dir, tmp_path):
-    command = [sys.executable, "lenet_cpu.py", "--data-dir", str(data_dir), "--epochs", "60", "--log-interval", "0",
+    command = [sys.executable, "lenet_cpu.py", "--device", "cpu", "--data-dir", str(data_dir), "--epochs", "60", "--log-interval", "0",
                "--out-dir", str(tmp_path)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_epochs(process, tmp_path / "run_001" / "config_1", 1)
         with pytest.raises(common.ExperimentError, match=f"run_001 is in use by process {process.pid}"):
-            lenet_cpu.main(["--data-dir", str(data_dir), "--epochs", "60", "--out-dir", str(tmp_path), "--resume"])
+            lenet_cpu.main(["--device", "cpu", "--data-dir", str(data_dir), "--epochs", "60", "--out-dir", str(tmp_path), "--resume"])
     finally:
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=60)
 
 
 def test_a_closed_output_stops_the_run_as_an_interruption(data_dir, tmp_path):
-    command = [sys.executable, "lenet_cpu.py", "--data-dir", str(data_dir), "--epochs", "60", "--log-interval", "0",
+    command = [sys.executable, "lenet_cpu.py", "--device", "cpu", "--data-dir", str(data_dir), "--epochs", "60", "--log-interval", "0",
                "--out-dir", str(tmp_path)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for _ in range(4):  # as `| head -4` does
@@ -131,7 +131,7 @@ def test_a_full_disk_ends_with_the_file_and_the_resume_line(data_dir, tmp_path, 
 
     monkeypatch.setattr(torch, "save", full_disk_on_the_second_checkpoint)
     with pytest.raises(SystemExit) as exit:
-        common.run_main(lambda: lenet_cpu.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path),
+        common.run_main(lambda: lenet_cpu.main(["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path),
                                                 "--epochs", "3"]))
     error, resume = capsys.readouterr().err.strip().splitlines()
     folder = tmp_path / "run_001" / "config_1"
@@ -143,14 +143,14 @@ def test_a_full_disk_ends_with_the_file_and_the_resume_line(data_dir, tmp_path, 
 
 
 def test_a_path_too_long_for_the_file_system_is_one_line(data_dir, tmp_path):
-    completed = run_script("lenet_cpu.py", "--data-dir", data_dir, "--out-dir", tmp_path / ("x" * 300), "--epochs", "1")
+    completed = run_script("lenet_cpu.py", "--device", "cpu", "--data-dir", data_dir, "--out-dir", tmp_path / ("x" * 300), "--epochs", "1")
     assert completed.returncode == 1 and "Traceback" not in completed.stderr
     assert completed.stderr.startswith("error: ") and completed.stderr.count("\n") == 1
 
 
 def test_a_folder_named_latest_is_reported_after_the_run_is_saved(data_dir, tmp_path):
     (tmp_path / "latest").mkdir()
-    completed = run_script("lenet_cpu.py", "--data-dir", data_dir, "--out-dir", tmp_path, "--epochs", "1")
+    completed = run_script("lenet_cpu.py", "--device", "cpu", "--data-dir", data_dir, "--out-dir", tmp_path, "--epochs", "1")
     assert completed.returncode == 1 and "Traceback" not in completed.stderr
     assert completed.stderr.count("\n") == 1 and str(tmp_path / "latest") in completed.stderr
     assert "Is a directory" in completed.stderr

@@ -79,7 +79,7 @@ def test_step_schedule_halves_every_twenty_epochs():
 
 
 def test_modern_config_trains_one_epoch_and_writes_its_outputs(data_dir, tmp_path, capsys):
-    arguments = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "5", "--subset", "64",
+    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "5", "--subset", "64",
                  "--epochs", "1", "--batch-size", "32"]
     assert resnet18.main(arguments) == 0
     folder = tmp_path / "run_001" / "config_5"
@@ -92,7 +92,7 @@ def test_modern_config_trains_one_epoch_and_writes_its_outputs(data_dir, tmp_pat
 
 
 def test_validation_config_keeps_the_test_set_for_the_end(data_dir, tmp_path):
-    arguments = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "6", "--subset", "80",
+    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "6", "--subset", "80",
                  "--epochs", "1", "--batch-size", "24"]
     assert resnet18.main(arguments) == 0
     results = json.loads((tmp_path / "run_001" / "config_6" / "results.json").read_text())
