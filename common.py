@@ -288,6 +288,13 @@ def parse_args(description, configs, argv=None, device="auto", log_interval=0):
     return args
 
 
+def pick_device(args):
+    """--device: cpu, cuda (refused with one line when no GPU is visible), or auto (a GPU when there is one)."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ExperimentError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    return torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+
+
 class Run:
     """One run of a script: its device, its run folder <out-dir>/run_NNN/ (made when training starts, or
     the one --resume continues; locked while in use), the chosen configs and their Records."""
@@ -304,9 +311,7 @@ class Run:
         Run.active = self
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
             raise ExperimentError(f"start {self.script} with python, not torchrun: nn.DataParallel drives every GPU")
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise ExperimentError("--device cuda: no CUDA GPU is visible; use --device cpu")
-        self.device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+        self.device = pick_device(args)
         torch.backends.cudnn.benchmark = self.device.type == "cuda"  # fixed sizes: cuDNN times its kernels once
         self.gpu_count = 1
         if data_parallel and self.device.type == "cuda":
@@ -714,7 +719,7 @@ def evaluate_saved(args, model, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
     accuracy, per class, and the figure the results.json beside them records; the exit status."""
     path = Path(args.evaluate)
     _load(path, lambda path, reason: ExperimentError(f"--evaluate {path}: {reason}"), model.load_state_dict)
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = pick_device(args)
     test = load_cifar10(args.data_dir).test
     test = Split(test.images[:args.subset], test.labels[:args.subset]) if args.subset else test
     counts = confusion_matrix(model.to(device).eval(), Batches(test, 1000, device, mean, std))

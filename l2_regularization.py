@@ -6,7 +6,8 @@ step's lr * wd * w (20 times at the report's m = 0.95). Config 1 is the control 
 config 2 the report's setting (1e-4) with otherwise identical hyper-parameters, configs 3-5 sweep the
 strength. After every epoch the training images are evaluated in eval mode too, so the train-test gap
 (eval-mode train accuracy minus test accuracy) measures the overfitting; train_vs_test.png shows it per
-config, and the summary adds each model's weight norm. On a GPU it trains in fp32.
+config, and the summary adds each model's weight norm. On a GPU it trains in fp32 (on Ampere and newer,
+cuDNN's convolutions in TF32 by PyTorch's defaults).
 
     python l2_regularization.py --configs 1 5 --subset 5000      # the effect in about 2 minutes on a CPU
     python l2_regularization.py                # all configs, outputs in modelset/l2_regularization/

@@ -11,7 +11,8 @@ speed and bookkeeping; none of it changes the mathematics of a step:
     update rule, computed in one kernel): the fastest step for batches of 4 images;
   - the test set is evaluated after every epoch (curves.png); the final accuracy is the last epoch's;
   - each epoch saves results.json and a checkpoint (Ctrl-C, then --resume), the end confusion.png.
-With --device cuda it trains on a GPU in fp32, the report's precision.
+With --device cuda it trains on a GPU in fp32, the report's precision (on Ampere and newer GPUs,
+PyTorch's defaults let cuDNN compute its convolutions in TF32).
 
     python lenet_cpu.py                            # 5 epochs on ./data, outputs in modelset/lenet_cpu/
     python lenet_cpu.py --data-dir PATH            # CIFAR-10 already on disk

