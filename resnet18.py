@@ -3,27 +3,40 @@
 The network (He et al., 2016, "Deep Residual Learning") in its common CIFAR form: a 3x3 stem of 64
 channels and no max-pool, then torchvision's resnet18 body (BasicBlocks [2, 2, 2, 2] at 64-128-256-512
 channels, 1x1 projection shortcuts, global average pooling, a linear head): 11,173,962 parameters. The
-layers carry torchvision's names, so a saved model.pth loads into torchvision.models.resnet18(num_classes=10)
-once its stem is the CIFAR one (README.md shows how).
+layers carry torchvision's names, so a saved model.pth loads into
+torchvision.models.resnet18(num_classes=10) once its stem is the CIFAR one (README.md shows how).
 
-On a GPU it trains in bf16 autocast (inside forward, so every nn.DataParallel replica computes in bf16 too)
-with channels_last; on the CPU in fp32. The data stays on the device, and augment() below crops and flips
-every image of a batch differently there. Several visible GPUs get nn.DataParallel; --compile adds
-torch.compile on one GPU. Configs 1-4 are the report's (plain SGD, constant lr); config 5 is a modern
-short recipe (Nesterov, weight decay, label smoothing, warm-up then linear decay, batch 512); config 6 is
-config 5 with a cosine schedule, tuned on a 10% validation split so that the test set is evaluated once;
-config 7 has the StepLR(20 epochs, x0.5) schedule of other course reports. get_lr() below has every
-schedule. The flip test-time-augmentation accuracy is reported apart, never as the headline figure.
+Which network the report trained is not certain. It says "an 18-layer simplified ResNet" and cites the
+Dive into Deep Learning chapter on modern CNNs, whose ResNet-18 has a 7x7 stride-2 stem and a max-pool,
+as torchvision's has: on a 32x32 image that form computes 74 million floating-point operations against
+1,111 million here (15 times fewer; torch.utils.flop_counter). The same book's resnet18 for its
+multi-GPU and Kaggle CIFAR-10 chapters is the 3x3-stem form without max-pool used here. Which of the
+two the report's 86.09-89.56% fits is not measured yet.
+
+Precision (compute_dtype below): bf16 autocast with channels_last where the device computes bf16
+natively (GPUs from Ampere on; CPUs with AVX512-BF16 or AMX, where it trains 1.9 times as fast as
+fp32), fp16 autocast with a GradScaler on older GPUs (a T4, a V100), fp32 on other CPUs; results.json
+records it ("precision"). Autocast is entered inside forward, so that every nn.DataParallel replica
+computes in it too. Several visible GPUs get nn.DataParallel: BatchNorm then normalizes each GPU's
+share of a batch and keeps GPU 0's running statistics, and the replicas run without channels_last, so
+figures on several GPUs differ from one GPU's. --compile adds torch.compile on one GPU. The data stays
+on the device, and augment() below crops and flips every image of a batch differently there.
+
+Configs 1-4 are the report's (plain SGD, constant lr); config 5 is a modern short recipe (Nesterov,
+weight decay, label smoothing, warm-up then linear decay, batch 512); config 6 is config 5 with a
+cosine schedule, tuned on a 10% validation split so that the test set is evaluated once; config 7 has
+the StepLR(20 epochs, x0.5) schedule of other course reports. get_lr() below has every schedule. The
+flip test-time-augmentation accuracy is reported apart, never as the headline figure.
 
     python resnet18.py --configs 5             # the modern recipe (a GPU is picked when there is one)
     python resnet18.py --configs 4             # the report's best
-    python benchmarks/resnet18_speed.py        # training images/s on the device at hand
+    python benchmarks/resnet18_speed.py        # training and evaluation images/s on the device at hand
 
 The report (one A100): 86.09, 88.59, 88.40, 89.56% for configs 1-4 in 186.00, 300.44, 298.37, 305.84 s
 of training (REPORTED below; the summary prints ours beside them). Aim for config 5: 94% or more in 25
 epochs and 30 s of training on one H100. None of these is measured yet: no GPU has been lent to this
-repository. On a 2-core CPU config 5's training would take 13 h 30 min to 14 h (the script says so once its
-first steps are timed).
+repository, and on a 2-core CPU a 25-epoch config trains for hours (the script says how many once its
+first steps are timed; docs/DEVELOPING.md has the measured speeds).
 """
 
 import math
