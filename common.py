@@ -9,24 +9,44 @@ and per config config_N/: model.pth (a plain state_dict), checkpoint.pt (for --r
 import argparse
 import codecs
 import contextlib
+import io
 import json
 import math
 import os
 import pickle
 import platform
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zlib
 from collections import namedtuple
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn as nn
+
+
+def _interrupted_at_start(signal_number, frame):
+    """Ctrl-C while a script imports torch, before run_main: nothing to save, one line, no traceback."""
+    with contextlib.suppress(OSError):
+        print("interrupted before training started; nothing was saved", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+# A script of this folder run as a program imports common first of all, so that a Ctrl-C while torch
+# loads (a second or more) ends in one line too; run_main hands Ctrl-C back to Python. A process
+# that ignores Ctrl-C (a background job) keeps ignoring it.
+_main_file = getattr(sys.modules.get("__main__"), "__file__", None) or ""
+if Path(_main_file).resolve().parent == Path(__file__).resolve().parent and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupted_at_start)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
 
 try:
     import fcntl  # locks a run folder; Windows has none, and runs there go without
@@ -38,6 +58,8 @@ FOLDER, ARCHIVE, ARCHIVE_MD5 = "cifar-10-batches-py", "cifar-10-python.tar.gz", 
 FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 WARMUP_STEPS = 3  # a config's first steps in a process, timed apart from its training time
 NEWEST = ""  # --resume without a run folder
+BLOWN_UP_LOSS = 100.0  # a mean loss above it: the true class's probability below e**-100, the weights blown up
+RESULT_KEYS = {"name", "script", "status", "config", "history", "train_seconds"}  # in every results.json
 Split = namedtuple("Split", "images labels")  # uint8 (N, 3, 32, 32) and int64 (N,)
 Cifar10 = namedtuple("Cifar10", "train test")
 
@@ -47,29 +69,53 @@ class ExperimentError(Exception):
 
 
 class Stopped(KeyboardInterrupt):
-    """SIGTERM (kill, a job scheduler, a container stop), handled like Ctrl-C."""
+    """SIGTERM (kill, a job scheduler, a container stop) or SIGHUP (a closed terminal, a dropped ssh
+    connection), handled like Ctrl-C; `status` is the exit status (128 + the signal's number)."""
+
+    def __init__(self, signal_number):
+        super().__init__()
+        self.status = 128 + signal_number
 
 
 def _raise_stopped(signal_number, frame):
-    raise Stopped()
+    raise Stopped(signal_number)
+
+
+def _compile_error_types():
+    """torch.compile's own exceptions (inductor without a compiler, a graph it cannot build)."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    return (TorchDynamoException,)
+
+
+STOPPING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 def run_main(main):
-    """Runs main() and exits with its status: 1 after an `error:` line, 130 on Ctrl-C, 143 on SIGTERM, 141 when the
-    output's reader has gone (`| head`); each says what is saved and how to go on, once anything is."""
-    sigterm = signal.getsignal(signal.SIGTERM)
-    if sigterm == signal.SIG_DFL:  # a run told to ignore SIGTERM keeps ignoring it
-        signal.signal(signal.SIGTERM, _raise_stopped)
+    """Runs main() and exits with its status: 1 after an `error:` line, 130 on Ctrl-C, 143 on SIGTERM, 129 on
+    SIGHUP, 141 when the output's reader has gone (`| head`); each says what is saved and how to go on, once
+    anything is."""
+    before = {number: signal.getsignal(number) for number in STOPPING_SIGNALS}
+    for number, handler in before.items():
+        if handler == signal.SIG_DFL:  # a run told to ignore a signal keeps ignoring it
+            signal.signal(number, _raise_stopped)
     Run.active = None
-    sys.stdout.reconfigure(line_buffering=True)  # lines as they come, also into a pipe or a file
+    # lines as they come, also into a pipe or a file; a character the output cannot show is escaped
+    sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace")
+    sys.stderr.reconfigure(errors="backslashreplace")
     try:
+        if signal.getsignal(signal.SIGINT) is _interrupted_at_start:  # set while importing, below
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         status = main()
-    except (ExperimentError, KeyboardInterrupt, OSError) as stop:
-        handlers = [(number, signal.signal(number, signal.SIG_IGN)) for number in (signal.SIGINT, signal.SIGTERM)]
-        status, cause = (143 if isinstance(stop, Stopped) else 130), "interrupted"  # a second Ctrl-C is ignored
+    except (ExperimentError, KeyboardInterrupt, OSError, *_compile_error_types()) as stop:
+        ignored = (signal.SIGINT, *STOPPING_SIGNALS)  # a second Ctrl-C is ignored while saving
+        handlers = [(number, signal.signal(number, signal.SIG_IGN)) for number in ignored]
+        status, cause = getattr(stop, "status", 130), "interrupted"
         if isinstance(stop, BrokenPipeError):  # stdout's reader is gone: Python's last flush must not fail
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             status, cause = 141, "interrupted: the output was closed"  # 141, as a process ended by SIGPIPE
+        elif isinstance(stop, _compile_error_types()):
+            status, cause = 1, f"error: --compile failed ({first_line(stop)}); run without --compile"
         elif isinstance(stop, (ExperimentError, OSError)):  # OSError: a file or folder the system refused
             status, cause = 1, f"error: {stop}"
         saved = Run.active.save_on_stop(after_error=status == 1) if Run.active else None
@@ -81,8 +127,11 @@ def run_main(main):
             print(cause, file=sys.stderr, flush=True)
         for number, handler in handlers:
             signal.signal(number, handler)
-    signal.signal(signal.SIGTERM, sigterm)
+    for number, handler in before.items():
+        signal.signal(number, handler)
     sys.exit(status)
+
+
 
 
 def code_version(script):
@@ -133,7 +182,10 @@ class _CifarUnpickler(pickle.Unpickler):
 def load_cifar10(data_dir):
     """CIFAR-10 from the folder holding cifar-10-batches-py, or that folder; extracted from the archive there or
     downloaded first (md5 checked) when absent; read safely and checked. A failure is an ExperimentError."""
-    data_dir = Path(data_dir).resolve()
+    try:
+        data_dir = Path(data_dir).resolve()
+    except (OSError, RuntimeError) as error:  # a symlink loop (RuntimeError before Python 3.13)
+        raise ExperimentError(f"--data-dir {data_dir}: {first_line(error)}") from None
     if data_dir.is_file():
         raise ExperimentError(f"--data-dir {data_dir} is a file; pass the folder holding {FOLDER}")
     folder, archive = data_dir if (data_dir / FILES[0]).exists() else data_dir / FOLDER, data_dir / ARCHIVE
@@ -258,7 +310,7 @@ def parse_args(description, configs, argv=None, device="auto", log_interval=0):
             raise argparse.ArgumentTypeError(f"must be {requirement}, not {text!r}")
         return parse
 
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _OneLineErrorParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add, count = parser.add_argument, _checked(int, lambda v: v > 0, "a positive whole number")
     add("--configs", type=int, nargs="+", metavar="N", choices=range(1, len(configs) + 1),
         help=f"config numbers to run, 1 to {len(configs)} (default: all)")
@@ -295,6 +347,35 @@ def pick_device(args):
     return torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """An argument error is one line, without argparse's usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
+def _check_plotting():
+    """matplotlib must start before hours of training depend on it (a bad MPLBACKEND stops its import)."""
+    try:
+        import matplotlib.figure  # noqa: F401
+    except Exception as error:
+        backend = os.environ.get("MPLBACKEND")
+        hint = f"; unset MPLBACKEND (it is {backend!r}) or set it to agg" if backend else ""
+        raise ExperimentError(f"matplotlib, which draws the pictures, cannot start ({first_line(error)}){hint}") \
+            from None
+
+
+def _check_compiler(device):
+    """--compile's inductor builds C++ kernels on a CPU and a C launcher for Triton on a GPU."""
+    names = ["g++", "c++", "clang++"] if device.type == "cpu" else ["cc", "gcc", "clang"]
+    variable = "CXX" if device.type == "cpu" else "CC"
+    if os.environ.get(variable):
+        names.insert(0, os.environ[variable].split()[0])
+    if not any(shutil.which(name) for name in names):
+        raise ExperimentError(f"--compile on {device.type} needs a {'C++' if variable == 'CXX' else 'C'} compiler "
+                              f"({', '.join(names)}), and none was found; run without --compile, or install one")
+
+
 class Run:
     """One run of a script: its device, its run folder <out-dir>/run_NNN/ (made when training starts, or
     the one --resume continues; locked while in use), the chosen configs and their Records."""
@@ -308,6 +389,7 @@ class Run:
         self.script, self.args, self.mean, self.std, self.short_run = Path(script).name, args, mean, std, short_run
         self.script_path = Path(script)
         self.records, self.epochs_left, self.data, self.run_dir, self._lock = [], 0, {}, None, None
+        self.made_run_dir = False  # by this process (not one --resume continues)
         Run.active = self
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
             raise ExperimentError(f"start {self.script} with python, not torchrun: nn.DataParallel drives every GPU")
@@ -319,6 +401,9 @@ class Run:
         if args.compile and self.gpu_count > 1:
             raise ExperimentError("--compile cannot reach nn.DataParallel's replicas (each runs uncompiled in its own "
                                   "thread): drop --compile, or make one GPU visible (CUDA_VISIBLE_DEVICES=0)")
+        if args.compile:
+            _check_compiler(self.device)
+        _check_plotting()
         self.estimating = self.device.type == "cpu"  # CPU only: timing a GPU step would mean waiting for it
         self.changed = [option for option in ("epochs", "lr", "momentum", "batch_size", "subset", "dry_run")
                         if getattr(args, option)]  # settings other than the report's: no comparison with it
@@ -367,6 +452,7 @@ class Run:
             try:
                 (self.out_dir / f"run_{number:03d}").mkdir()
                 self.run_dir = self._locked(self.out_dir / f"run_{number:03d}")
+                self.made_run_dir = True
                 print(f"writing to {self.run_dir}")
             except FileExistsError:
                 number += 1
@@ -384,15 +470,48 @@ class Run:
             self._lock.close()
         if failed:
             print(f"not completed: {', '.join(failed)}", file=sys.stderr)
-        elif results and not self.args.dry_run:  # <out-dir>/latest names the newest complete run
-            write_file(self.out_dir / "latest", lambda temporary: temporary.write_text(self.run_dir.name + "\n"))
+        elif results and not self.args.dry_run:
+            self._point_latest_here()
         return 1 if failed else 0
+
+    def _point_latest_here(self):
+        """<out-dir>/latest names the newest complete run: this one, unless it already names a newer one
+        (an old run resumed to its end does not take it back)."""
+        latest = self.out_dir / "latest"
+        with contextlib.suppress(OSError, ValueError):
+            named = latest.read_text().strip()
+            if int(named.removeprefix("run_")) > int(self.run_dir.name[4:]) and (self.out_dir / named).is_dir():
+                return
+        write_file(latest, (self.run_dir.name + "\n").encode())
+
+    def _discard_empty_run_dir(self):
+        """Removes the run folder this process made when no epoch was saved in it (a failure before the
+        first), so that bare --resume does not pick it; True when removed."""
+        if not self.made_run_dir or any(self.run_dir.glob("config_*/results.json")):
+            return False
+        if self._lock:
+            self._lock.close()
+            self._lock = None
+        for folder in self.run_dir.glob("config_*"):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only an empty one
+        with contextlib.suppress(OSError):
+            (self.run_dir / ".lock").unlink()
+            self.run_dir.rmdir()
+        return not self.run_dir.exists()
 
     def save_on_stop(self, after_error):
         """Marks the config in training interrupted; what is saved and how to go on (after an error: only once that
         config has saved epochs), or None."""
         current = self.records[-1] if self.records and self.records[-1].result["status"] == "running" else None
-        if self.run_dir is None or (after_error and not (current and current.result["history"])):
+        if self.run_dir is None:
+            return None
+        for record in self.records:
+            with contextlib.suppress(ExperimentError):  # that epoch is taken back: its files hold the one before
+                record.wait_for_saving()
+        if self._discard_empty_run_dir():
+            return None
+        if after_error and not (current and current.result["history"]):
             return None
         saved = [f"{r.name} {r.result['status']}" for r in self.records if r is not current]
         if current is not None:
@@ -404,25 +523,48 @@ class Run:
                 still_running = " (still marked running)"
             epochs = f"{len(current.result['history'])}/{current.config['num_epochs']}"
             saved.append(f"{current.name} at epoch {epochs}{still_running}")
+        return (f"saved in {self.run_dir}: {', '.join(saved) or 'no finished epoch'}; continue with: "
+                f"{self.resume_command()}")
+
+    def resume_command(self):
+        """The command that continues this run: the user's, with --resume naming this run folder (by its
+        name where the command's --out-dir holds it, else by its path)."""
         argv = [a for a in sys.argv if a not in ("--resume", self.args.resume) and not a.startswith("--resume=")]
-        return (f"saved in {self.run_dir}: {', '.join(saved) or 'no finished epoch'}; continue with: python "
-                f"{shlex.join(argv)} --resume {self.run_dir.name}")
+        given_out_dir = Path(self.args.out_dir or Path("modelset") / Path(self.script).stem)
+        name = self.run_dir.name
+        if self.run_dir.resolve() != (given_out_dir / name).resolve():
+            name = str(self.run_dir)
+        return f"python {shlex.join(argv)} --resume {shlex.quote(name)}"
 
     def _runs(self):
         return sorted((p for p in self.out_dir.glob("run_*") if p.name[4:].isdigit() and p.is_dir()),
                       key=lambda p: int(p.name[4:]))
 
     def _resumed_run_dir(self):
-        """The run folder --resume names, or the newest unfinished one (no summary.json yet)."""
-        runs, named = self._runs(), Path(self.args.resume)
+        """The run folder --resume names (a bare run_NNN in --out-dir, or a path), or the newest unfinished
+        one (no summary.json yet) that this script made; a folder that is not a run of this script, as its
+        results say, is refused."""
+        made_by = {folder: run_script(folder) for folder in self._runs()}
+        runs = [folder for folder, script in made_by.items() if script in (self.script, "")]
+        others = [f"{folder.name} is a run of {script}" for folder, script in made_by.items()
+                  if script and script != self.script]
+        named = Path(self.args.resume)
         if self.args.resume != NEWEST:
-            run_dir = named if named.name.startswith("run_") and named.is_dir() else self.out_dir / named
+            run_dir = self.out_dir / named if len(named.parts) == 1 else named
             if not run_dir.is_dir():
-                raise ExperimentError(f"--resume {named}: no run folder {run_dir}; the runs in {self.out_dir}: "
-                                      f"{', '.join(p.name for p in runs) or 'none'}")
+                raise ExperimentError(f"--resume {named}: no run folder {run_dir}; the runs of {self.script} in "
+                                      f"{self.out_dir}: {', '.join(p.name for p in runs) or 'none'}")
+            script = run_script(run_dir)
+            if not run_dir.name.startswith("run_") or script is None:
+                raise ExperimentError(f"--resume {named}: {run_dir} is not a run folder (run_NNN holding a "
+                                      f"config's results.json); nothing was written there")
+            if script not in (self.script, ""):
+                raise ExperimentError(f"--resume {named}: {run_dir} is a run of {script}, not of {self.script}; "
+                                      f"resume it with python {script}")
             self.out_dir, why = run_dir.parent, "named on the command line"
         elif not runs:
-            raise ExperimentError(f"--resume: no run to continue in {self.out_dir}")
+            raise ExperimentError(f"--resume: no run of {self.script} to continue in {self.out_dir}"
+                                  + (f" ({', '.join(others)})" if others else ""))
         else:
             unfinished = [folder for folder in runs if not (folder / "summary.json").exists()]
             run_dir = (unfinished or runs)[-1]
@@ -433,7 +575,12 @@ class Run:
     def _locked(self, run_dir):
         """run_dir, locked until this process ends: another process is refused with one line."""
         if fcntl is not None:
-            self._lock = open(run_dir / ".lock", "a+")
+            try:  # never through a planted link: O_NOFOLLOW
+                descriptor = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as error:
+                raise ExperimentError(f"cannot lock {run_dir / '.lock'} ({error.strerror}): it must be a "
+                                      f"plain file; delete it if no run is using {run_dir}") from None
+            self._lock = os.fdopen(descriptor, "r+")
             try:
                 fcntl.lockf(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a POSIX lock: held by the process
             except OSError:
@@ -442,6 +589,20 @@ class Run:
             self._lock.truncate(0)
             print(os.getpid(), file=self._lock, flush=True)
         return run_dir
+
+
+def run_script(folder):
+    """The script that made run folder `folder`, as its summary.json or a config's results.json says; "" for
+    a run folder whose files do not say (damaged: --resume then names the damage); None for a folder that
+    holds no run (nothing a config saves)."""
+    for path in [folder / "summary.json", *sorted(folder.glob("config_*/results.json"))]:
+        with contextlib.suppress(OSError, ValueError):
+            saved = json.loads(path.read_text())
+            for result in saved if isinstance(saved, list) else [saved]:
+                if isinstance(result, dict) and isinstance(result.get("script"), str):
+                    return result["script"]
+    saved_files = ("results.json", "checkpoint.pt", "model.pth")
+    return "" if any(any(folder.glob(f"config_*/{name}")) for name in saved_files) else None
 
 
 def _write_summary(run_dir, results, compare_key=None):
@@ -561,13 +722,14 @@ class Record:
                  "train_accuracy": train_accuracy, **accuracies, "seconds": seconds - self.warmup_seconds}
         if self.warmup_steps:
             entry["warmup_seconds"] = self.warmup_seconds
-        if not math.isfinite(loss):
+        if not math.isfinite(loss) or loss > BLOWN_UP_LOSS:
             history.append(entry)
             self.result["status"] = "diverged"
             self.run.epochs_left -= self.config["num_epochs"] - len(history) + 1  # never to be trained
             self._write_results()
-            return print(f"{self.name} diverged: the training loss is {loss} in epoch {len(history)}; try a lower "
-                         f"learning rate than {self.config['lr']} (--lr)", file=sys.stderr)
+            print(f"{self.name} diverged: the training loss is {loss:.4g} in epoch {len(history)}; try a lower "
+                  f"learning rate than {self.config['lr']} (--lr)", file=sys.stderr)
+            return
         self.wait_for_saving()  # the previous epoch's files, before this one's replace them
         checkpoint = {"config": self.config, "epoch": entry["epoch"], "history": [*history, entry],
                       "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -593,20 +755,25 @@ class Record:
         result.update(final_test_accuracy=accuracy(counts) if result["validation"] else last["test_accuracy"],
                       final_val_accuracy=last.get("val_accuracy"), final_train_accuracy=last["train_accuracy"],
                       per_class_test_accuracy=per_class_accuracy(counts), confusion_matrix=counts.tolist(),
-                      extra=extra or None, status="completed")
+                      extra=extra or None)
         if "train_eval_accuracy" in last:
             result["final_train_eval_accuracy"] = last["train_eval_accuracy"]
             result["train_test_gap"] = last["train_eval_accuracy"] - result["final_test_accuracy"]
         save_torch(self.folder / "model.pth", unwrap(self.model).state_dict())
         plot_confusion(counts, self.folder / "confusion.png", f"{self.run.script} {self.name}")
-        self._write_results()
+        result["status"] = "completed"
+        try:  # curves.png, then results.json: "completed" there means every file is written
+            self._write_results()
+        except ExperimentError:  # unsaved: still running, so the resume line is printed and --resume finishes it
+            result["status"] = "running"
+            raise
 
     def _save_epoch(self, checkpoint, results_text):
         """In a thread: the checkpoint first, so that results.json never lists an epoch it lacks."""
         try:
             save_torch(self.folder / "checkpoint.pt", checkpoint)
-            write_file(self.folder / "results.json", lambda temporary: temporary.write_text(results_text))
-        except ExperimentError as error:
+            write_file(self.folder / "results.json", results_text.encode())
+        except Exception as error:  # raised in the training thread by wait_for_saving
             self._saving_error = error
 
     def wait_for_saving(self):
@@ -637,16 +804,17 @@ class Record:
         return result
 
     def _write_results(self):
-        """results.json now, once the epoch being saved is; curves.png too once the config has stopped."""
+        """results.json now, once the epoch being saved is; before it curves.png, once the config has stopped
+        after at least one epoch (so results.json saying so means the picture is there too)."""
         self.wait_for_saving()
         result = self._updated_result()
-        write_json(self.folder / "results.json", result)
-        if result["status"] != "running":  # the curves once the config stops, not every epoch
+        if result["status"] != "running" and result["history"]:  # the curves once the config stops
             names = {"train_accuracy": "train (running, during the epoch)", "train_eval_accuracy": "train (eval mode)",
                      "val_accuracy": "validation", "test_accuracy": "test"}
             _plot(self.folder / "curves.png", [
                 (f"{self.name}: training loss", "loss", [("train", result, "train_loss")]),
                 (f"{self.name}: accuracy", "accuracy (%)", [(label, result, key) for key, label in names.items()])])
+        write_json(self.folder / "results.json", result)
 
     def _restore(self):
         """With --resume: the epoch to go on from, once this config's saved state is loaded. A file that cannot
@@ -696,8 +864,11 @@ def _load(path, refuse, load=None):
     try:
         if path.suffix == ".json":
             state = json.loads(path.read_text())
-            if not isinstance(state, dict) or not {"status", "history", "config"} <= state.keys():
-                raise ValueError("not a run's results")
+            if not isinstance(state, dict) or not RESULT_KEYS <= state.keys():
+                missing = sorted(RESULT_KEYS - state.keys()) if isinstance(state, dict) else "all"
+                raise ValueError(f"not a run's results: keys {missing} missing")
+            if state["status"] == "completed" and not isinstance(state.get("final_test_accuracy"), (int, float)):
+                raise ValueError("completed without a final_test_accuracy")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -734,19 +905,35 @@ def evaluate_saved(args, model, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
     return 0
 
 
-def write_file(path, write):
-    """Calls write(temporary path), then renames that over `path`: readers never see half a file, and a failed
-    write leaves the old one. A failure (a full disk, too long a name) is one error line."""
+def write_file(path, data):
+    """Writes the bytes `data` to a new temporary file beside `path` (a random name, created exclusively:
+    never through a planted link), then renames it over `path`: readers never see half a file, a failed
+    write leaves the old one, and nothing is left behind, not even on Ctrl-C. A failure (a full disk,
+    too long a name) is one error line that names the system's reason."""
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = None
     try:
-        write(temporary)
-        os.replace(temporary, path)
-    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
-        if os.path.lexists(temporary):
-            os.remove(temporary)
-        reason = getattr(error, "strerror", None) or first_line(error)
-        raise ExperimentError(f"cannot write {path} ({reason})") from None
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        _write_bytes(descriptor, temporary, data)
+        os.replace(temporary, path)  # replaces a link at `path` itself, never its target
+    except OSError as error:
+        _remove_quietly(temporary)
+        raise ExperimentError(f"cannot write {path} ({error.strerror or first_line(error)})") from None
+    except BaseException:
+        _remove_quietly(temporary)
+        raise
+
+
+def _write_bytes(descriptor, name, data):
+    """`data` into the new file open as `descriptor` (at `name`), closing it."""
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(data)
+
+
+def _remove_quietly(path):
+    if path is not None:
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 def json_text(data):
@@ -755,8 +942,7 @@ def json_text(data):
 
 
 def write_json(path, data):
-    text = json_text(data)
-    write_file(path, lambda temporary: temporary.write_text(text))
+    write_file(path, json_text(data).encode())
 
 
 def cpu_copy(state):
@@ -771,7 +957,9 @@ def cpu_copy(state):
 
 
 def save_torch(path, data):
-    write_file(path, lambda temporary: torch.save(data, temporary))
+    buffer = io.BytesIO()  # serialized first: a full disk is then the system's error, named as such
+    torch.save(data, buffer)
+    write_file(path, buffer.getvalue())
 
 
 def _plot(path, panels, same_scale=False):
@@ -788,7 +976,7 @@ def _plot(path, panels, same_scale=False):
         axis.grid(alpha=0.3)
         if axis.lines:  # a config that diverged in its first epoch has no curve
             axis.legend(fontsize="small")
-    write_file(path, lambda temporary: figure.savefig(temporary, dpi=110, format="png"))
+    _save_figure(figure, path, dpi=110)
 
 
 def plot_confusion(counts, path, title):
@@ -804,4 +992,10 @@ def plot_confusion(counts, path, title):
         axis.text(column, row, count, ha="center", va="center", fontsize=7,
                   color="white" if count > counts.max().item() / 2 else "black")
     axis.set(title=f"{title}: {accuracy(counts):.2f}% correct", xlabel="predicted", ylabel="true class (its accuracy)")
-    write_file(path, lambda temporary: figure.savefig(temporary, dpi=100, format="png"))
+    _save_figure(figure, path, dpi=100)
+
+
+def _save_figure(figure, path, dpi):
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=dpi, format="png")
+    write_file(path, buffer.getvalue())

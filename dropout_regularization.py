@@ -24,12 +24,13 @@ full CIFAR-10 (a JPEG copy), 2-core CPU, torch 2.14.1, 50 epochs (modelset/refer
 Dropout slows learning (0.5 is at its best in epoch 50) but stops the control's overfitting.
 """
 
+import common  # first: a Ctrl-C while torch loads then ends in one line
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.optim as optim
 
-import common
 from lenet_cpu import Net  # the tutorial LeNet
 
 # the report's setting: 50 epochs, lr 0.001, momentum 0.95; batch size 64 (the report did not say)

@@ -25,11 +25,12 @@ full CIFAR-10 (a JPEG copy), 2-core CPU, torch 2.14.1, 50 epochs (modelset/refer
 The control overfits (its test accuracy peaks at 64.69% in epoch 26), so strong L2 helps both.
 """
 
+import common  # first: a Ctrl-C while torch loads then ends in one line
+
 import torch
 import torch.nn as nn
 import torch.optim as optim
 
-import common
 from lenet_cpu import Net  # the tutorial LeNet
 
 # the report's setting: 50 epochs, lr 0.001, momentum 0.95; batch size 64 (the report did not say)

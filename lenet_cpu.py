@@ -26,12 +26,13 @@ run in modelset/reference/lenet_cpu/; 2 min 04 s from start to exit):
     1      | 60.00% | 59.25% | 112 s
 """
 
+import common  # first: a Ctrl-C while torch loads then ends in one line
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.optim as optim
 
-import common
 
 CONFIGS = [
     dict(num_epochs=5, lr=0.001, momentum=0.9, batch_size=4),  # the tutorial's settings, the course's 5 epochs

@@ -32,11 +32,12 @@ has the whole table and what it shows):
     10     | 58.02% | 63.85% | 390 s     config 2's first 50 epochs
 """
 
+import common  # first: a Ctrl-C while torch loads then ends in one line
+
 import torch
 import torch.nn as nn
 import torch.optim as optim
 
-import common
 from lenet_cpu import Net  # the tutorial LeNet: conv 3->6->16 (5x5), max-pool, fc 400-120-84-10
 
 # The report did not state the batch size of configs 1-3. We use 512: config 10 (lr 0.01, momentum

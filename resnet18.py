@@ -39,14 +39,14 @@ repository, and on a 2-core CPU a 25-epoch config trains for hours (the script s
 first steps are timed; docs/DEVELOPING.md has the measured speeds).
 """
 
+import common  # first: a Ctrl-C while torch loads then ends in one line
+
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.optim as optim
-
-import common
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)

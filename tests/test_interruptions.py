@@ -89,7 +89,7 @@ def test_resume_skips_finished_configs_and_refuses_changed_ones(data_dir, tmp_pa
 
 
 def test_resume_without_a_run_is_a_clear_error(tmp_path):
-    with pytest.raises(common.ExperimentError, match="no run to continue"):
+    with pytest.raises(common.ExperimentError, match="no run of .* to continue"):
         common.Run("x.py", common.parse_args("", [dict(num_epochs=1)], ["--out-dir", str(tmp_path), "--resume"]))
 
 
@@ -226,7 +226,7 @@ def test_results_of_another_script_are_refused(data_dir, tmp_path):
     arguments, folder = interrupted_run(data_dir, tmp_path)
     results = json.loads((folder / "results.json").read_text())
     (folder / "results.json").write_text(json.dumps({**results, "script": "resnet18.py"}))
-    with pytest.raises(common.ExperimentError, match="trained with script resnet18.py, not lenet_cpu.py"):
+    with pytest.raises(common.ExperimentError, match=r"no run of lenet_cpu.py .*\(run_001 is a run of resnet18.py\)"):
         lenet_cpu.main(arguments)
 
 

@@ -1,9 +1,12 @@
 """Nothing runs code from a file, --resume continues exactly the run it names, and faults end with one line."""
 
+import errno
 import json
+import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ import torch
 import common
 import lenet_cpu
 import lenet_multigpu
-from conftest import ROOT, run_script, write_cifar10
+from conftest import ROOT, interrupt_after_epochs, run_script, write_cifar10
 from test_common import RunsCode
 from test_interruptions import interrupted_run, wait_for_epochs
 
@@ -33,21 +36,9 @@ def test_weights_that_would_run_code_are_refused_by_evaluate(data_dir, tmp_path)
     assert completed.stderr.startswith(f"error: --evaluate {tmp_path / 'model.pth'}: it holds more than")
 
 
-def interrupt_after(monkeypatch, epochs):
-    """Makes the next training stop (as Ctrl-C does) once `epochs` epochs of a config are saved."""
-    add_epoch = common.Record.add_epoch
-
-    def add_then_stop(record, *args, **kwargs):
-        add_epoch(record, *args, **kwargs)
-        if len(record.result["history"]) == epochs:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(common.Record, "add_epoch", add_then_stop)
-
-
 def test_resume_continues_the_interrupted_run_after_another_one(data_dir, tmp_path, monkeypatch, capsys):
     arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "4", "--epochs", "4"]
-    interrupt_after(monkeypatch, 2)
+    interrupt_after_epochs(monkeypatch, 2)
     with pytest.raises(SystemExit):
         common.run_main(lambda: lenet_multigpu.main(arguments))
     assert capsys.readouterr().err.strip().endswith("--resume run_001")
@@ -68,7 +59,7 @@ def test_resume_of_a_run_that_is_not_there_names_the_runs_that_are(data_dir, tmp
     arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
     assert lenet_cpu.main(arguments) == 0
     (tmp_path / "run_009").write_text("a file, not a run")
-    with pytest.raises(common.ExperimentError, match="--resume run_009: no run folder .*run_009; the runs in .*: run_001"):
+    with pytest.raises(common.ExperimentError, match="--resume run_009: no run folder .*run_009; the runs of lenet_cpu.py in .*: run_001"):
         lenet_cpu.main([*arguments, "--resume", "run_009"])
 
 
@@ -119,27 +110,32 @@ def test_a_closed_output_stops_the_run_as_an_interruption(data_dir, tmp_path):
     assert results["status"] == "interrupted" and stderr.strip().endswith("--resume run_001")
 
 
-def test_a_full_disk_ends_with_the_file_and_the_resume_line(data_dir, tmp_path, monkeypatch, capsys):
-    save, saved = torch.save, []
-
-    def full_disk_on_the_second_checkpoint(data, path):
-        saved.append(path)
-        if len(saved) == 2:
-            raise RuntimeError("[enforce fail at inline_container.cc:820] . PytorchStreamWriter failed writing "
-                               "file data/0: file write failed")
-        save(data, path)
-
-    monkeypatch.setattr(torch, "save", full_disk_on_the_second_checkpoint)
+def test_a_full_disk_ends_with_the_file_its_cause_and_the_resume_line(data_dir, tmp_path, monkeypatch, capsys):
+    full_disk_on_the_nth(monkeypatch, "checkpoint.pt", 2)
     with pytest.raises(SystemExit) as exit:
         common.run_main(lambda: lenet_cpu.main(["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path),
                                                 "--epochs", "3"]))
     error, resume = capsys.readouterr().err.strip().splitlines()
     folder = tmp_path / "run_001" / "config_1"
-    assert exit.value.code == 1 and error.startswith(f"error: cannot write {folder / 'checkpoint.pt'} (")
+    assert exit.value.code == 1 and error == f"error: cannot write {folder / 'checkpoint.pt'} (No space left on device)"
     assert "config_1 at epoch 1/3" in resume and resume.endswith("--resume run_001")
     monkeypatch.undo()
     assert torch.load(folder / "checkpoint.pt", weights_only=True)["epoch"] == 1  # the last good one, intact
     assert not [path for path in folder.iterdir() if path.name.endswith(".tmp")]
+
+
+def full_disk_on_the_nth(monkeypatch, name, nth):
+    """The nth write of a file called `name` fails as on a full disk, after writing part of it."""
+    write_bytes, writes = common._write_bytes, []
+
+    def fill_the_disk(descriptor, temporary, data):
+        writes.append(Path(temporary).name)
+        if writes[-1].startswith(f".{name}.") and sum(w.startswith(f".{name}.") for w in writes) == nth:
+            write_bytes(descriptor, temporary, data[:len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write_bytes(descriptor, temporary, data)
+
+    monkeypatch.setattr(common, "_write_bytes", fill_the_disk)
 
 
 def test_a_path_too_long_for_the_file_system_is_one_line(data_dir, tmp_path):
