@@ -3,7 +3,7 @@
 Each script holds its experiment (model, CONFIGS, REPORTED, optimizer, training step, epoch loop,
 timing) and calls these by name. A run writes <out-dir>/run_NNN/ with summary.json, comparison plots
 and per config config_N/: model.pth (a plain state_dict), checkpoint.pt (for --resume), results.json
-(README.md, "What the files hold", explains every key), curves.png and confusion.png.
+(README.md, "What the files hold", explains every key), curves.png, confusion.png and predictions.png.
 """
 
 import argparse
@@ -234,6 +234,7 @@ class Batches:
 
     def __init__(self, split, batch_size, device, mean, std, seed=0):
         mean, std = (torch.tensor(values, device=device).view(1, 3, 1, 1) for values in (mean, std))
+        self.mean, self.std = mean, std  # to show the images again (predictions.png)
         self.images = split.images.to(device).float().mul_(1 / (255 * std)).sub_(mean / std)
         self.labels, self.batch_size, self.seed = split.labels.to(device), batch_size, seed
         self.steps = len(self.labels) // batch_size  # of a training epoch
@@ -526,6 +527,17 @@ class Run:
         return (f"saved in {self.run_dir}: {', '.join(saved) or 'no finished epoch'}; continue with: "
                 f"{self.resume_command()}")
 
+    def short_command(self):
+        """The script's suggested short run, with the data, output folder, device and seed the user gave,
+        so that it runs when copied."""
+        kept = []
+        given = (("--data-dir", self.args.data_dir, "./data"), ("--out-dir", self.args.out_dir, None),
+                 ("--device", self.args.device, "auto"), ("--seed", self.args.seed, 1))
+        for option, value, default in given:
+            if value != default:
+                kept += [option, str(value)]
+        return f"python {self.script} {self.short_run} {shlex.join(kept)}".strip()
+
     def resume_command(self):
         """The command that continues this run: the user's, with --resume naming this run folder (by its
         name where the command's --out-dir holds it, else by its path)."""
@@ -709,7 +721,7 @@ class Record:
             self.run.estimating = False
             left = (time.perf_counter() - warm) / (self.done - self.warmup_steps) * self.steps * self.run.epochs_left
             if left > 600:
-                short = f"python {self.run.script} {self.run.short_run}"
+                short = self.run.short_command()
                 print(f"at this pace its training alone takes {duration(left)}; a short run: {short}")
 
     def add_epoch(self, seconds, **accuracies):
@@ -761,6 +773,8 @@ class Record:
             result["train_test_gap"] = last["train_eval_accuracy"] - result["final_test_accuracy"]
         save_torch(self.folder / "model.pth", unwrap(self.model).state_dict())
         plot_confusion(counts, self.folder / "confusion.png", f"{self.run.script} {self.name}")
+        title = f"{self.run.script} {self.name}"
+        plot_predictions(self.model, test_batches, self.folder / "predictions.png", title)
         result["status"] = "completed"
         try:  # curves.png, then results.json: "completed" there means every file is written
             self._write_results()
@@ -992,6 +1006,28 @@ def plot_confusion(counts, path, title):
         axis.text(column, row, count, ha="center", va="center", fontsize=7,
                   color="white" if count > counts.max().item() / 2 else "black")
     axis.set(title=f"{title}: {accuracy(counts):.2f}% correct", xlabel="predicted", ylabel="true class (its accuracy)")
+    _save_figure(figure, path, dpi=100)
+
+
+@torch.no_grad()
+def plot_predictions(model, batches, path, title, count=32):
+    """The first `count` test images with the model's predicted class and the true one, as the PyTorch
+    tutorial shows them: green where right, red where wrong. The model in eval mode."""
+    from matplotlib.figure import Figure
+
+    images, labels = batches.images[:count], batches.labels[:count]
+    predicted = model(images).argmax(1).cpu()
+    pictures = (images * batches.std + batches.mean).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+    columns = 8
+    rows = math.ceil(len(pictures) / columns)
+    figure = Figure(figsize=(1.3 * columns, 1.5 * rows + 0.4), layout="tight")
+    figure.suptitle(f"{title}: predicted (true)")
+    for index, (picture, guess, truth) in enumerate(zip(pictures, predicted.tolist(), labels.tolist())):
+        axis = figure.add_subplot(rows, columns, index + 1)
+        axis.imshow(picture, interpolation="nearest")
+        axis.set_title(f"{CLASSES[guess]} ({CLASSES[truth]})", fontsize=7,
+                       color="green" if guess == truth else "red")
+        axis.axis("off")
     _save_figure(figure, path, dpi=100)
 
 

@@ -16,7 +16,7 @@ PyTorch's defaults let cuDNN compute its convolutions in TF32).
 
     python lenet_cpu.py                            # 5 epochs on ./data, outputs in modelset/lenet_cpu/
     python lenet_cpu.py --data-dir PATH            # CIFAR-10 already on disk
-    python lenet_cpu.py --evaluate modelset/reference/lenet_cpu/config_1/model.pth
+    python lenet_cpu.py --evaluate modelset/reference/lenet_cpu/config_1/model.pth --data-dir PATH
     python benchmarks/lenet_cpu_speed.py --data-dir PATH   # against the tutorial's DataLoader loop
 
 Measured on the full CIFAR-10 (a JPEG copy), 2-core x86-64 CPU, torch 2.14.1, nothing else running (the

@@ -57,6 +57,18 @@ def scripts_can_be_interrupted():
     signal.signal(signal.SIGINT, previous)
 
 
+@pytest.fixture(autouse=True)
+def torch_settings_restored():
+    """lenet_cpu.main sets one thread and turns oneDNN off for its whole process, as a program may; the
+    tests after it get the defaults back (ResNet-18 in bf16 without oneDNN is many times slower)."""
+    import torch
+
+    threads, mkldnn = torch.get_num_threads(), torch.backends.mkldnn.enabled
+    yield
+    torch.set_num_threads(threads)
+    torch.backends.mkldnn.enabled = mkldnn
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """A folder holding a tiny cifar-10-batches-py: 200 training and 100 test images."""

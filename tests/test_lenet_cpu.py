@@ -26,7 +26,7 @@ def test_run_writes_results_and_never_overwrites(data_dir, tmp_path, capsys):
     assert "Accuracy for class: plane is" in output
     folder = tmp_path / "run_001" / "config_1"
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt", "confusion.png", "curves.png", "model.pth",
-                                                         "results.json"]
+                                                         "predictions.png", "results.json"]
     results = json.loads((folder / "results.json").read_text())
     assert results["status"] == "completed" and results["config"]["batch_size"] == 4
     assert [sorted(e) for e in results["history"]] == [
@@ -67,6 +67,8 @@ def test_a_long_cpu_run_says_so_early_with_how_to_shorten_it(data_dir, tmp_path,
     lines = capsys.readouterr().out.splitlines()
     estimates = [line for line in lines if line.startswith("at this pace its training alone takes")]
     assert len(estimates) == 1 and "--subset" in estimates[0]
+    # the suggested command runs when copied: it keeps the data and output folders given
+    assert f"--data-dir {data_dir}" in estimates[0] and f"--out-dir {tmp_path}" in estimates[0]
     epochs = [line for line in lines if line.startswith("config_1 epoch") and "loss" in line]
     assert len(epochs) == 2 and all(line.endswith("left in the run") for line in epochs)
 
