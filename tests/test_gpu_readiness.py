@@ -137,7 +137,7 @@ def test_resnet_in_fp16_trains_with_a_grad_scaler_and_resumes_its_state(data_dir
     """The fp16 path of a GPU without native bf16, run on the CPU (which computes fp16 autocast too)."""
     monkeypatch.setattr(resnet18, "compute_dtype", lambda device: torch.float16)
     arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "5",
-                 "--subset", "64", "--batch-size", "32", "--epochs", "2"]
+                 "--subset", "32", "--batch-size", "16", "--epochs", "2"]
     interrupt_after_epochs(monkeypatch, 1)
     with pytest.raises(SystemExit):
         common.run_main(lambda: resnet18.main(arguments))
