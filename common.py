@@ -299,8 +299,10 @@ def unwrap(model):
     return model.module if isinstance(model, nn.DataParallel) else model
 
 
-def parse_args(description, configs, argv=None, device="auto", log_interval=0):
-    """The command line every script shares; `configs` gives the valid --configs numbers."""
+def parse_args(description, configs, argv=None, device="auto", log_interval=0, threads=None):
+    """The command line every script shares; `configs` gives the valid --configs numbers. `threads`: the
+    script's default number of CPU threads (None: PyTorch's, one per core); OMP_NUM_THREADS, when set,
+    takes its place, and --threads over both."""
     def _checked(kind, test, requirement):  # an argparse type: kind(text) when it passes test, else one line
         def parse(text):
             try:
@@ -328,6 +330,9 @@ def parse_args(description, configs, argv=None, device="auto", log_interval=0):
     add("--log-interval", type=_checked(int, lambda v: v >= 0, "0 or more"), default=log_interval, metavar="B",
         help=f"print the running loss every B batches, 0 for never (default: {log_interval})")
     add("--compile", action="store_true", help="compile the model with torch.compile")
+    threads = None if os.environ.get("OMP_NUM_THREADS") else threads
+    add("--threads", type=count, default=threads, metavar="N",
+        help=f"CPU threads (default: {threads or 'OMP_NUM_THREADS, else one per core'})")
     add("--resume", nargs="?", const=NEWEST, metavar="RUN",
         help="continue run folder RUN (run_NNN in --out-dir, or a path); alone, the newest unfinished run")
     add("--dry-run", action="store_true", help="one epoch of two batches per config")
@@ -395,6 +400,8 @@ class Run:
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
             raise ExperimentError(f"start {self.script} with python, not torchrun: nn.DataParallel drives every GPU")
         self.device = pick_device(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         torch.backends.cudnn.benchmark = self.device.type == "cuda"  # fixed sizes: cuDNN times its kernels once
         self.gpu_count = 1
         if data_parallel and self.device.type == "cuda":

@@ -74,12 +74,11 @@ def train(model, batches, criterion, optimizer, record):
 
 
 def main(argv=None):
-    args = common.parse_args(__doc__, CONFIGS, argv, device="cpu", log_interval=2000)
+    # Batches of 4 images are too small to share between threads or to pay for oneDNN's set-up:
+    # one thread (--threads' default here) and PyTorch's plain convolution make the fastest CPU step.
+    args = common.parse_args(__doc__, CONFIGS, argv, device="cpu", log_interval=2000, threads=1)
     if args.evaluate:
         return common.evaluate_saved(args, Net())
-    # Batches of 4 images are too small to share between threads or to pay for oneDNN's set-up:
-    # one thread and PyTorch's plain convolution make the fastest CPU step.
-    torch.set_num_threads(1)
     torch.backends.mkldnn.enabled = False
     run = common.Run(__file__, args, short_run="--subset 10000")
     data = run.load_data()

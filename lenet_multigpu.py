@@ -79,7 +79,8 @@ def train(model, batches, criterion, optimizer, record):
 
 
 def main(argv=None):
-    args = common.parse_args(__doc__, CONFIGS, argv)
+    # LeNet's steps are too small to share between threads: one, unless --threads says otherwise
+    args = common.parse_args(__doc__, CONFIGS, argv, threads=1)
     if args.evaluate:
         return common.evaluate_saved(args, Net())
     run = common.Run(__file__, args, short_run="--configs 4 --subset 5000", data_parallel=True)

@@ -248,3 +248,15 @@ def test_results_files_are_strict_json(tmp_path):
     assert not list(tmp_path.iterdir())  # neither the file nor its temporary
     common.write_json(tmp_path / "x.json", {"loss": None})
     assert json.loads((tmp_path / "x.json").read_text()) == {"loss": None}
+
+
+def test_threads_come_from_the_flag_then_the_environment_then_the_script(tmp_path, monkeypatch):
+    """A LeNet script's default of one thread gives way to OMP_NUM_THREADS, and both to --threads (cpu)."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert common.parse_args("", CONFIGS, [], threads=1).threads == 1
+    assert common.parse_args("", CONFIGS, ["--threads", "2"], threads=1).threads == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert common.parse_args("", CONFIGS, [], threads=1).threads is None  # torch reads the variable itself
+    torch.set_num_threads(2)
+    new_run(tmp_path, "--device", "cpu", "--threads", "1")
+    assert torch.get_num_threads() == 1
