@@ -14,7 +14,7 @@ multi-GPU and Kaggle CIFAR-10 chapters is the 3x3-stem form without max-pool use
 two the report's 86.09-89.56% fits is not measured yet.
 
 Precision (compute_dtype below): bf16 autocast with channels_last where the device computes bf16
-natively (GPUs from Ampere on; CPUs with AVX512-BF16 or AMX, where it trains 1.9 times as fast as
+natively (GPUs from Ampere on; CPUs with AVX512-BF16 or AMX, where it trains about twice as fast as
 fp32), fp16 autocast with a GradScaler on older GPUs (a T4, a V100), fp32 on other CPUs; results.json
 records it ("precision"). Autocast is entered inside forward, so that every nn.DataParallel replica
 computes in it too. Several visible GPUs get nn.DataParallel: BatchNorm then normalizes each GPU's
@@ -124,10 +124,10 @@ class ResNet18(nn.Module):
 
 def compute_dtype(device):
     """The dtype the network computes in on `device`: bf16 where the device computes it natively (a GPU
-    from Ampere on; a CPU with AVX512-BF16 or AMX: 1.9x fp32's speed on a 2-core AVX512-BF16 CPU,
+    from Ampere on; a CPU with AVX512-BF16 or AMX: about twice fp32's speed on a 2-core AVX512-BF16 CPU,
     docs/DEVELOPING.md). Else fp16 on a GPU (a T4 or V100: cuDNN has no bf16 convolutions below
-    compute capability 8.0), trained with a GradScaler; and fp32 on a CPU, which emulates bf16 more
-    slowly than it computes fp32."""
+    compute capability 8.0), trained with a GradScaler; and fp32 on a CPU without those instructions,
+    which would emulate bf16 (reported slower than fp32 on such laptops; not measured here)."""
     if device.type == "cuda":
         native = torch.cuda.is_bf16_supported(including_emulation=False)
         return torch.bfloat16 if native else torch.float16
@@ -153,7 +153,7 @@ def augment(images):
 
 def build_model(device):
     """ResNet18 on `device`, computing in compute_dtype(device); channels_last for bf16 and fp16, the
-    layout their convolutions run fastest in (on the CPU here: 98.6 against 88.2 images/s)."""
+    layout their convolutions run fastest in."""
     dtype = compute_dtype(device)
     model = ResNet18(compute_dtype=dtype).to(device)
     if dtype != torch.float32:

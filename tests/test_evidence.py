@@ -123,3 +123,43 @@ def test_evaluate_refuses_a_missing_file_and_weights_of_another_model(data_dir, 
     other = run_script("lenet_cpu.py", "--evaluate", tmp_path / "resnet.pth", "--data-dir", data_dir)
     assert other.returncode == 1 and "Traceback" not in other.stderr and other.stderr.count("\n") == 1
     assert "resnet.pth: it does not fit this model" in other.stderr
+
+
+def test_the_resnet_speed_table_is_the_committed_benchmarks():
+    """docs/DEVELOPING.md's ResNet-18 speeds on the CPU: each row is a `benchmarks/resnet18_speed.py --json`
+    file in modelset/reference/benchmarks/, made by committed code (it names the commit)."""
+    text = (ROOT / "docs" / "DEVELOPING.md").read_text()
+    table = re.search(r"<!-- evidence: resnet18_speed -->\n((?:\|.*\n)+)", text).group(1)
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in table.splitlines()[2:]]
+    assert len(rows) == len(list((REFERENCE / "benchmarks").glob("resnet18_speed_*.json"))) >= 4
+    for file_name, batch_size, precision, train_rate, evaluation_rate, epochs_time in rows:
+        figures = json.loads((REFERENCE / "benchmarks" / file_name.strip("`")).read_text())
+        assert [batch_size, precision, train_rate, evaluation_rate, epochs_time] == [
+            str(figures["batch_size"]), figures["precision"], f"{figures['train_images_per_second']:.1f}",
+            f"{figures['evaluated_images_per_second']:.1f}", common.duration(figures["seconds_for_25_epochs"])]
+        assert figures["code"]["commit"] and figures["code"]["changed"] is False
+
+
+def test_the_lenet_threads_table_is_the_committed_measurement():
+    text = (ROOT / "docs" / "DEVELOPING.md").read_text()
+    table = re.search(r"<!-- evidence: lenet_threads -->\n((?:\|.*\n)+)", text).group(1)
+    measured = json.loads((REFERENCE / "benchmarks" / "lenet_threads.json").read_text())
+    seconds = {(row["script"], row["threads"], row["condition"] != "idle"): row["train_seconds"]
+               for row in measured["rows"]}
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in table.splitlines()[2:]]
+    assert len(rows) == 3 and measured["code"]["commit"]
+    for script, *cells in rows:
+        keys = [(1, False), (2, False), (1, True), (2, True)]
+        assert cells == [f"{seconds[script.strip('`'), threads, beside]:.2f} s" for threads, beside in keys]
+
+
+def test_the_published_seed_spread_is_the_committed_runs():
+    """lenet_cpu.py's seeds 1-3 on a second machine, beside the reference run's seed 1."""
+    figures = [json.loads((REFERENCE / "lenet_cpu_seeds" / f"seed_{seed}" / "results.json").read_text())
+               for seed in (1, 2, 3)]
+    assert [result["environment"]["seed"] for result in figures] == [1, 2, 3]
+    assert all(result["status"] == "completed" and result["data"]["train_images"] == 50_000 for result in figures)
+    sentence = ("seeds 1, 2 and 3 gave " + ", ".join(f"{r['final_test_accuracy']:.2f}%" for r in figures[:2]) +
+                f" and {figures[2]['final_test_accuracy']:.2f}%")
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert sentence in readme and f"{reference('lenet_cpu', 'config_1')['final_test_accuracy']:.2f}%" in readme
