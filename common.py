@@ -122,7 +122,7 @@ def run_main(main):
         if saved:
             cause += f"\n{saved}" if status == 1 else f"; {saved}"
         elif status != 1:
-            cause += " before training started; nothing was saved"
+            cause += " before a first epoch was saved; nothing was saved"
         with contextlib.suppress(OSError):  # stderr may be closed too
             print(cause, file=sys.stderr, flush=True)
         for number, handler in handlers:
