@@ -393,7 +393,7 @@ class Run:
         """data_parallel: the script wraps its model in nn.DataParallel when gpu_count > 1; gpu_count then
         counts every visible GPU. Otherwise it is 1: the script trains on one device."""
         self.script, self.args, self.mean, self.std, self.short_run = Path(script).name, args, mean, std, short_run
-        self.script_path = Path(script)
+        self.code = code_version(script)  # once per run: two git calls
         self.records, self.epochs_left, self.data, self.run_dir, self._lock = [], 0, {}, None, None
         self.made_run_dir = False  # by this process (not one --resume continues)
         Run.active = self
@@ -685,7 +685,7 @@ class Record:
                        "torch_cuda_build": torch.version.cuda, "cpu_threads": torch.get_num_threads(),
                        "data_parallel": run.gpu_count > 1, "compile": run.args.compile, "seed": run.args.seed,
                        "subset": run.args.subset, "dry_run": run.args.dry_run, "command": sys.argv,
-                       "code": code_version(run.script_path)}
+                       "code": run.code}
         self.result = {"name": name, "script": run.script, "status": "running", "config": config, "precision": precision,
                        "validation": validation, "reported": reported, "data": run.data, "history": [],
                        "not_compared": reported and run.changed and f"other {', '.join(run.changed)}" or None,

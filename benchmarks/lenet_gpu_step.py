@@ -13,6 +13,7 @@ first steps (compilation, graph capture) apart, and prints the 50-epoch time eac
 """
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -31,18 +32,17 @@ EPOCHS = 50
 
 def milliseconds_per_step(device, batch_size, steps, compiled):
     """(first 3 steps' seconds, steady ms per step) of lenet_multigpu.train on random images."""
-    split = common.Split(torch.randint(0, 256, (batch_size * (steps + 3), 3, 32, 32), dtype=torch.uint8),
-                         torch.randint(0, 10, (batch_size * (steps + 3),)))
+    split = common.Split(torch.randint(0, 256, (batch_size * steps, 3, 32, 32), dtype=torch.uint8),
+                         torch.randint(0, 10, (batch_size * steps,)))
     batches = common.Batches(split, batch_size, device, (0.5,) * 3, (0.5,) * 3)
     model = lenet_multigpu.Net().to(device)
     if compiled:
         model = torch.compile(model, mode=common.lenet_compile_mode(device))
     optimizer = optim.SGD(model.parameters(), lr=0.001, momentum=0.9, fused=True)
     criterion = nn.CrossEntropyLoss()
-    warmup = common.Split(split.images[:3 * batch_size], split.labels[:3 * batch_size])
     started = common.clock(device)
-    lenet_multigpu.train(model, common.Batches(warmup, batch_size, device, (0.5,) * 3, (0.5,) * 3).epoch(0),
-                         criterion, optimizer, Sums(device))
+    warmup = itertools.islice(batches.epoch(0), common.WARMUP_STEPS)  # compilation, graph capture
+    lenet_multigpu.train(model, warmup, criterion, optimizer, Sums(device))
     warmup_seconds = common.clock(device) - started
     started = common.clock(device)
     lenet_multigpu.train(model, batches.epoch(1), criterion, optimizer, Sums(device))
