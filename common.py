@@ -27,6 +27,8 @@ import zlib
 from collections import namedtuple
 from pathlib import Path
 
+STARTED = time.perf_counter()  # the script's start: every script imports common first, before torch
+
 
 
 def _interrupted_at_start(signal_number, frame):
@@ -228,6 +230,19 @@ def _read_batch(folder, name):
     return Split(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels.astype(np.int64)))
 
 
+def hold_out(split, fraction):
+    """(training part, validation part) of `split`: its last `fraction` of the images held out, so that
+    an epoch or a setting can be picked without the test set. The validation part is None when
+    `fraction` is 0."""
+    if not fraction:
+        return split, None
+    keep = len(split.labels) - round(len(split.labels) * fraction)
+    if keep < 1 or keep == len(split.labels):
+        raise ExperimentError(f"a validation fraction of {fraction} of {len(split.labels)} training images "
+                              f"leaves {keep} to train on and {len(split.labels) - keep} to validate: change it")
+    return Split(split.images[:keep], split.labels[:keep]), Split(split.images[keep:], split.labels[keep:])
+
+
 class Batches:
     """A split as one normalized tensor, (x / 255 - mean) / std, on `device`. Iterating yields every image in order;
     epoch(n) yields epoch n's full training batches, shuffled by a permutation seeded by the seed and n alone."""
@@ -313,7 +328,7 @@ def parse_args(description, configs, argv=None, device="auto", log_interval=0, t
             raise argparse.ArgumentTypeError(f"must be {requirement}, not {text!r}")
         return parse
 
-    parser = _OneLineErrorParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add, count = parser.add_argument, _checked(int, lambda v: v > 0, "a positive whole number")
     add("--configs", type=int, nargs="+", metavar="N", choices=range(1, len(configs) + 1),
         help=f"config numbers to run, 1 to {len(configs)} (default: all)")
@@ -322,6 +337,8 @@ def parse_args(description, configs, argv=None, device="auto", log_interval=0, t
     add("--lr", type=_checked(float, lambda v: 0 < v < math.inf, "a positive finite number"), help="override lr")
     add("--momentum", type=_checked(float, lambda v: 0 <= v < 1, "at least 0, below 1"), help="override momentum")
     add("--batch-size", type=count, help="override batch_size")
+    add("--val-fraction", type=_checked(float, lambda v: 0 < v < 1, "above 0, below 1"), metavar="F",
+        help="hold out the last F of the training images for validation (overrides val_fraction)")
     add("--data-dir", type=_checked(str, bool, "a folder"), default="./data", help="CIFAR-10 folder (default: ./data)")
     add("--out-dir", type=_checked(str, bool, "a folder"), help="output folder (default: modelset/<script name>)")
     add("--subset", type=count, metavar="N", help="use N training and at most N test images")
@@ -353,7 +370,7 @@ def pick_device(args):
     return torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-class _OneLineErrorParser(argparse.ArgumentParser):
+class OneLineErrorParser(argparse.ArgumentParser):
     """An argument error is one line, without argparse's usage block."""
 
     def error(self, message):
@@ -413,8 +430,9 @@ class Run:
             _check_compiler(self.device)
         _check_plotting()
         self.estimating = self.device.type == "cpu"  # CPU only: timing a GPU step would mean waiting for it
-        self.changed = [option for option in ("epochs", "lr", "momentum", "batch_size", "subset", "dry_run")
-                        if getattr(args, option)]  # settings other than the report's: no comparison with it
+        options = ("epochs", "lr", "momentum", "batch_size", "val_fraction", "subset", "dry_run")
+        # settings other than the report's: no comparison with it
+        self.changed = [option for option in options if getattr(args, option)]
         self.out_dir = Path(args.out_dir or Path("modelset") / Path(script).stem)
         self.out_dir.mkdir(parents=True, exist_ok=True)  # an unwritable folder is reported now, before the data
         if args.resume is not None:
@@ -426,7 +444,8 @@ class Run:
     def configs(self, configs):
         """(name, config) for each chosen config, overrides applied; each starts from the seed's initial weights."""
         overrides = {"num_epochs": 1 if self.args.dry_run else self.args.epochs, "lr": self.args.lr,
-                     "momentum": self.args.momentum, "batch_size": self.args.batch_size}
+                     "momentum": self.args.momentum, "batch_size": self.args.batch_size,
+                     "val_fraction": self.args.val_fraction}
         chosen = [(number, {**configs[number - 1], **{k: v for k, v in overrides.items() if v is not None}})
                   for number in self.args.configs or range(1, len(configs) + 1)]
         self.epochs_left = sum(config["num_epochs"] for _, config in chosen)
@@ -472,7 +491,8 @@ class Run:
             record.wait_for_saving()
         results = [record.result for record in self.records]
         if results:
-            _write_summary(self.run_dir, results, compare_key)
+            wall_seconds = time.perf_counter() - STARTED
+            _write_summary(self.run_dir, results, wall_seconds, self.args.resume is not None, compare_key)
         failed = [r["name"] for r in results if r["status"] != "completed"]
         if self._lock:  # the run has ended: its folder is free again
             self._lock.close()
@@ -624,13 +644,15 @@ def run_script(folder):
     return "" if any(any(folder.glob(f"config_*/{name}")) for name in saved_files) else None
 
 
-def _write_summary(run_dir, results, compare_key=None):
-    """summary.json over every config in the run folder, the comparison plots, and the summary lines."""
+def _write_summary(run_dir, results, wall_seconds, resumed, compare_key=None):
+    """summary.json over every config in the run folder, the comparison plots, and the summary lines.
+    wall_seconds: this process's, from the script's start to now (a resumed run's: the last process's)."""
     results += [_load(path, lambda path, reason: ExperimentError(f"{path}: {reason}")) for path in
                 run_dir.glob("config_*/results.json") if path.parent.name not in {r["name"] for r in results}]
     results.sort(key=lambda r: int(r["name"][7:]))
-    write_json(run_dir / "summary.json", [{k: v for k, v in r.items() if k not in ("history", "environment")}
-                                          for r in results])
+    configs = [{k: v for k, v in r.items() if k not in ("history", "environment")} for r in results]
+    write_json(run_dir / "summary.json", {"script": results[0]["script"], "wall_seconds": wall_seconds,
+                                          "resumed": resumed, "configs": configs})
     finished = [r for r in results if r["history"]]
     if len(finished) > 1:
         _plot(run_dir / "test_accuracy.png", [("accuracy of every config", "accuracy (%)", [
@@ -656,7 +678,10 @@ def summary_line(result):
     line += "".join(f" | {key}: {value}" for key, value in (result.get("extra") or {}).items())
     reported, versus = result.get("reported"), result.get("versus_report")
     if versus:
-        line += f" | report: {reported['test_accuracy']:.2f}% ({versus['test_accuracy_points']:+.2f} points)"
+        decimals = reported.get("decimals", 2)  # as many as the report wrote
+        precision = "" if decimals == 2 else ", at the report's precision"
+        line += (f" | report: {reported['test_accuracy']:.{decimals}f}% "
+                 f"({versus['test_accuracy_points']:+.{decimals}f} points{precision})")
         if "time_ratio" in versus:
             line += f", {reported['train_seconds']:.2f} s on {reported['device']} (ours {versus['time_ratio']:.2f}x)"
     elif result.get("not_compared"):
@@ -818,8 +843,10 @@ class Record:
         result["warmup_seconds"] = sum(entry.get("warmup_seconds", 0.0) for entry in result["history"])
         result["versus_report"] = None
         if not result["not_compared"] and "final_test_accuracy" in result and "test_accuracy" in reported:
-            result["versus_report"] = {"test_accuracy_points": result["final_test_accuracy"] -
-                                       reported["test_accuracy"]}
+            difference = result["final_test_accuracy"] - reported["test_accuracy"]
+            # no more decimals than the report wrote: 59.25% against its "60%" is -1, not -0.75
+            difference = round(difference, reported.get("decimals", 2))
+            result["versus_report"] = {"test_accuracy_points": difference}
             if "train_seconds" in reported:
                 result["versus_report"]["time_ratio"] = result["train_seconds"] / reported["train_seconds"]
         return result

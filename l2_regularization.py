@@ -43,6 +43,7 @@ CONFIGS = [
     dict(REPORT, weight_decay=5e-4),
     dict(REPORT, weight_decay=1e-3),
     dict(REPORT, weight_decay=5e-3),
+    dict(REPORT, weight_decay=1e-2),
 ]
 
 
@@ -71,8 +72,11 @@ def main(argv=None):
     run = common.Run(__file__, args, short_run="--configs 1 5 --subset 5000", data_parallel=True)
     data = run.load_data()
     test_batches = run.batches(data.test, 1000)
-    train_eval_batches = run.batches(data.train, 1000)  # the training images, evaluated in eval mode
     for name, config in run.configs(CONFIGS):
+        # --val-fraction: the last training images held out, so that an epoch is picked without the test set
+        train_split, val_split = common.hold_out(data.train, config.get("val_fraction", 0.0))
+        train_eval_batches = run.batches(train_split, 1000)  # the training images, evaluated in eval mode
+        val_batches = run.batches(val_split, 1000) if val_split else None
         model = Net().to(run.device)  # fp32
         if run.gpu_count > 1:
             model = nn.DataParallel(model)  # one process splits every batch over all visible GPUs
@@ -82,15 +86,19 @@ def main(argv=None):
         optimizer = optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
                               weight_decay=config["weight_decay"],  # the L2 penalty
                               fused=True)  # the same update rule in one kernel
-        train_batches = run.batches(data.train, config["batch_size"], train=True)
-        record = common.Record(run, name, config, model, optimizer)  # with --resume: from the last checkpoint
+        train_batches = run.batches(train_split, config["batch_size"], train=True)
+        # the config's history and checkpoints; with --resume it goes on from the last checkpoint
+        record = common.Record(run, name, config, model, optimizer, validation=val_batches is not None)
         for epoch in record.epochs(train_batches.steps):
             started = common.clock(run.device)
             train(model, train_batches.epoch(epoch), criterion, optimizer, record)
             seconds = common.clock(run.device) - started
             model.eval()
-            record.add_epoch(seconds, train_eval_accuracy=common.evaluate(model, train_eval_batches),  # overfitting
-                             test_accuracy=common.evaluate(model, test_batches))
+            accuracies = {"train_eval_accuracy": common.evaluate(model, train_eval_batches),  # overfitting
+                          "test_accuracy": common.evaluate(model, test_batches)}
+            if val_batches:  # recorded beside the test accuracy: error_bars.py picks an epoch by it
+                accuracies["val_accuracy"] = common.evaluate(model, val_batches)
+            record.add_epoch(seconds, **accuracies)
         record.finish(test_batches, weight_norm=round(weight_norm(model), 3))
         print(f"{name}: Training time: {record.result['train_seconds']:.2f} seconds (its epochs' training steps)")
     return run.finish(compare_key="weight_decay")

@@ -37,7 +37,9 @@ import torch.optim as optim
 CONFIGS = [
     dict(num_epochs=5, lr=0.001, momentum=0.9, batch_size=4),  # the tutorial's settings, the course's 5 epochs
 ]
-REPORTED = {"config_1": dict(test_accuracy=60.0)}  # the report's figure, printed and saved beside ours
+# the report's figure, printed and saved beside ours: "60%", a whole percent (the tutorial's
+# accuracy line divides with //), so ours is compared at that precision
+REPORTED = {"config_1": dict(test_accuracy=60, decimals=0)}
 
 
 class Net(nn.Module):

@@ -67,7 +67,9 @@ def test_regularization_script_reports_the_gap(script, key, data_dir, tmp_path, 
         assert results["final_train_accuracy"] == last["train_accuracy"]  # the running one, during the epoch
         assert results["train_test_gap"] == pytest.approx(last["train_eval_accuracy"] - last["test_accuracy"])
     summary = json.loads((run / "summary.json").read_text())
-    assert [s["config"][key] for s in summary] == [0, script.CONFIGS[1][key]]
+    assert [s["config"][key] for s in summary["configs"]] == [0, script.CONFIGS[1][key]]
+    assert summary["script"] == script.__name__ + ".py" and summary["resumed"] is False
+    assert summary["wall_seconds"] > sum(s["train_seconds"] for s in summary["configs"])
     assert capsys.readouterr().out.count("train-test gap (eval mode):") == 2
 
 

@@ -80,7 +80,8 @@ def test_summary_lists_every_config_the_run_folder_holds(data_dir, tmp_path):
     assert lenet_multigpu.main([*arguments, "--configs", "5", "7"]) == 0
     assert lenet_multigpu.main([*arguments, "--configs", "5", "--resume"]) == 0
     summary = json.loads((tmp_path / "run_001" / "summary.json").read_text())
-    assert [entry["name"] for entry in summary] == ["config_5", "config_7"]
+    assert [entry["name"] for entry in summary["configs"]] == ["config_5", "config_7"]
+    assert summary["resumed"] is True  # its wall time is the resumed process's
 
 
 def test_a_run_in_use_is_refused_naming_its_process(data_dir, tmp_path):
