@@ -93,42 +93,62 @@ def _compile_error_types():
 STOPPING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
+# what ends a run with one line: Ctrl-C and the signals above, an error the user can fix, one the
+# system reports (a full disk, a refused folder), or torch.compile's
+STOPPING_ERRORS = (ExperimentError, KeyboardInterrupt, OSError)
+
+
+@contextlib.contextmanager
+def _stops_ignored():
+    """Ctrl-C and the stopping signals ignored inside the block: a second Ctrl-C while saving."""
+    ignored = (signal.SIGINT, *STOPPING_SIGNALS)
+    handlers = [(number, signal.signal(number, signal.SIG_IGN)) for number in ignored]
+    try:
+        yield
+    finally:
+        for number, handler in handlers:
+            signal.signal(number, handler)
+
+
+def exit_status(stop):
+    """(exit status, first line) of the exception `stop` that ended a script."""
+    if isinstance(stop, BrokenPipeError):  # stdout's reader has gone: 141, as a process ended by SIGPIPE
+        return 141, "interrupted: the output was closed"
+    if isinstance(stop, _compile_error_types()):
+        return 1, f"error: --compile failed ({first_line(stop)}); run without --compile"
+    if isinstance(stop, (ExperimentError, OSError)):  # OSError: a file or folder the system refused
+        return 1, f"error: {stop}"
+    return getattr(stop, "status", 130), "interrupted"
+
+
 def run_main(main):
-    """Runs main() and exits with its status: 1 after an `error:` line, 130 on Ctrl-C, 143 on SIGTERM, 129 on
-    SIGHUP, 141 when the output's reader has gone (`| head`); each says what is saved and how to go on, once
-    anything is."""
+    """Runs main() and exits with its status: 1 after an `error:` line, 130 on Ctrl-C, 143 on SIGTERM,
+    129 on SIGHUP, 141 when the output's reader has gone (`| head`). The line says what is saved and
+    how to go on, once anything is: a Run left by the exception (its `with` block) says so in the
+    exception's `saved`."""
     before = {number: signal.getsignal(number) for number in STOPPING_SIGNALS}
     for number, handler in before.items():
         if handler == signal.SIG_DFL:  # a run told to ignore a signal keeps ignoring it
             signal.signal(number, _raise_stopped)
-    Run.active = None
     # lines as they come, also into a pipe or a file; a character the output cannot show is escaped
     sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace")
     sys.stderr.reconfigure(errors="backslashreplace")
     try:
-        if signal.getsignal(signal.SIGINT) is _interrupted_at_start:  # set while importing, below
+        if signal.getsignal(signal.SIGINT) is _interrupted_at_start:  # set while importing, above
             signal.signal(signal.SIGINT, signal.default_int_handler)
         status = main()
-    except (ExperimentError, KeyboardInterrupt, OSError, *_compile_error_types()) as stop:
-        ignored = (signal.SIGINT, *STOPPING_SIGNALS)  # a second Ctrl-C is ignored while saving
-        handlers = [(number, signal.signal(number, signal.SIG_IGN)) for number in ignored]
-        status, cause = getattr(stop, "status", 130), "interrupted"
-        if isinstance(stop, BrokenPipeError):  # stdout's reader is gone: Python's last flush must not fail
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            status, cause = 141, "interrupted: the output was closed"  # 141, as a process ended by SIGPIPE
-        elif isinstance(stop, _compile_error_types()):
-            status, cause = 1, f"error: --compile failed ({first_line(stop)}); run without --compile"
-        elif isinstance(stop, (ExperimentError, OSError)):  # OSError: a file or folder the system refused
-            status, cause = 1, f"error: {stop}"
-        saved = Run.active.save_on_stop(after_error=status == 1) if Run.active else None
-        if saved:
-            cause += f"\n{saved}" if status == 1 else f"; {saved}"
-        elif status != 1:
-            cause += " before a first epoch was saved; nothing was saved"
-        with contextlib.suppress(OSError):  # stderr may be closed too
-            print(cause, file=sys.stderr, flush=True)
-        for number, handler in handlers:
-            signal.signal(number, handler)
+    except (*STOPPING_ERRORS, *_compile_error_types()) as stop:
+        with _stops_ignored():
+            status, cause = exit_status(stop)
+            if isinstance(stop, BrokenPipeError):  # Python's last flush of stdout must not fail
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            saved = getattr(stop, "saved", None)
+            if saved:
+                cause += f"\n{saved}" if status == 1 else f"; {saved}"
+            elif status != 1:
+                cause += " before a first epoch was saved; nothing was saved"
+            with contextlib.suppress(OSError):  # stderr may be closed too
+                print(cause, file=sys.stderr, flush=True)
     for number, handler in before.items():
         signal.signal(number, handler)
     sys.exit(status)
@@ -157,10 +177,14 @@ def first_line(error):
 
 
 def duration(seconds):
-    """A time span as a person reads it: 45 s, 12 min, 2 h 05 min."""
+    """A time span as a person reads it: 45 s, 12 min 05 s, 2 h 05 min."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        whole = round(seconds)
+        return f"{whole // 60} min {whole % 60:02} s"
     minutes = round(seconds / 60)
-    return f"{seconds:.0f} s" if seconds < 90 else f"{minutes} min" if minutes < 120 else \
-        f"{minutes // 60} h {minutes % 60:02} min"
+    return f"{minutes // 60} h {minutes % 60:02} min"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,7 +283,7 @@ class Batches:
             yield self.images[start:start + self.batch_size], self.labels[start:start + self.batch_size]
 
     def epoch(self, epoch):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 2)
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, "order"))
         order = torch.randperm(len(self.labels), generator=generator)
         for index in order[:self.steps * self.batch_size].to(self.labels.device).split(self.batch_size):
             yield self.images[index], self.labels[index]
@@ -403,17 +427,25 @@ class Run:
     """One run of a script: its device, its run folder <out-dir>/run_NNN/ (made when training starts, or
     the one --resume continues; locked while in use), the chosen configs and their Records."""
 
-    active = None  # the run in progress, for run_main
-
-    def __init__(self, script, args, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), short_run="--subset 5000 --epochs 2",
-                 data_parallel=False):
-        """data_parallel: the script wraps its model in nn.DataParallel when gpu_count > 1; gpu_count then
-        counts every visible GPU. Otherwise it is 1: the script trains on one device."""
-        self.script, self.args, self.mean, self.std, self.short_run = Path(script).name, args, mean, std, short_run
+    def __init__(self, script, args, mean, std, short_run, data_parallel=False):
+        """script: the script's __file__; args: parse_args()'s; mean and std: the per-channel
+        normalization of every batch, (x / 255 - mean) / std; short_run: the options of a short run,
+        suggested when a CPU run would take long. data_parallel: the script wraps its model in
+        nn.DataParallel when gpu_count > 1; gpu_count then counts every visible GPU. Otherwise it
+        is 1: the script trains on one device. Use it as `with Run(...) as run:`, so that Ctrl-C
+        saves what is trained (see __exit__)."""
+        self.script = Path(script).name
+        self.args = args
+        self.mean = mean
+        self.std = std
+        self.short_run = short_run
         self.code = code_version(script)  # once per run: two git calls
-        self.records, self.epochs_left, self.data, self.run_dir, self._lock = [], 0, {}, None, None
+        self.records = []
+        self.epochs_left = 0  # in the chosen configs, for the time left
+        self.data = {}  # what load_data() loaded, recorded and checked on resume
+        self.run_dir = None
+        self._lock = None
         self.made_run_dir = False  # by this process (not one --resume continues)
-        Run.active = self
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
             raise ExperimentError(f"start {self.script} with python, not torchrun: nn.DataParallel drives every GPU")
         self.device = pick_device(args)
@@ -442,7 +474,8 @@ class Run:
         print(f"training on {self.describe}")
 
     def configs(self, configs):
-        """(name, config) for each chosen config, overrides applied; each starts from the seed's initial weights."""
+        """(name, config) for each chosen config (--configs, else all), the command line's overrides
+        applied."""
         overrides = {"num_epochs": 1 if self.args.dry_run else self.args.epochs, "lr": self.args.lr,
                      "momentum": self.args.momentum, "batch_size": self.args.batch_size,
                      "val_fraction": self.args.val_fraction}
@@ -450,7 +483,6 @@ class Run:
                   for number in self.args.configs or range(1, len(configs) + 1)]
         self.epochs_left = sum(config["num_epochs"] for _, config in chosen)
         for number, config in chosen:
-            torch.manual_seed(self.args.seed)
             yield f"config_{number}", config
 
     def load_data(self):
@@ -528,6 +560,19 @@ class Run:
             self.run_dir.rmdir()
         return not self.run_dir.exists()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, stop, traceback):
+        """The end of a script's `with Run(...) as run:` block. On Ctrl-C, a signal or an error that
+        ends the script (run_main prints its line), the config in training is marked interrupted, and
+        stop.saved says what is saved and how to go on (None when nothing is)."""
+        if isinstance(stop, (*STOPPING_ERRORS, *_compile_error_types())):
+            status, _ = exit_status(stop)
+            with _stops_ignored():
+                stop.saved = self.save_on_stop(after_error=status == 1)
+        return False  # the exception goes on, to run_main
+
     def save_on_stop(self, after_error):
         """Marks the config in training interrupted; what is saved and how to go on (after an error: only once that
         config has saved epochs), or None."""
@@ -543,11 +588,11 @@ class Run:
             return None
         saved = [f"{r.name} {r.result['status']}" for r in self.records if r is not current]
         if current is not None:
-            current.result["status"] = "interrupted"
             still_running = ""
             try:
-                current._write_results()  # after the epoch being saved
+                current.mark_interrupted()
             except ExperimentError:  # a full disk, say: its files stay as its last saved epoch left them
+                current.result["status"] = "running"
                 still_running = " (still marked running)"
             epochs = f"{len(current.result['history'])}/{current.config['num_epochs']}"
             saved.append(f"{current.name} at epoch {epochs}{still_running}")
@@ -679,9 +724,11 @@ def summary_line(result):
     reported, versus = result.get("reported"), result.get("versus_report")
     if versus:
         decimals = reported.get("decimals", 2)  # as many as the report wrote
+        points = versus["test_accuracy_points"]
+        unit = "point" if abs(points) == 1 else "points"
         precision = "" if decimals == 2 else ", at the report's precision"
         line += (f" | report: {reported['test_accuracy']:.{decimals}f}% "
-                 f"({versus['test_accuracy_points']:+.{decimals}f} points{precision})")
+                 f"({points:+.{decimals}f} {unit}{precision})")
         if "time_ratio" in versus:
             line += f", {reported['train_seconds']:.2f} s on {reported['device']} (ours {versus['time_ratio']:.2f}x)"
     elif result.get("not_compared"):
@@ -689,95 +736,201 @@ def summary_line(result):
     return line
 
 
-class Record:
-    """One config's results in <run folder>/config_N/, beside `reported`, the report's figures. The script's loop
-    trains the epochs epochs() yields, calls add() after each step and add_epoch() after each epoch, which saves
-    results.json and a complete checkpoint (--resume goes on from it). A NaN loss ends the config, "diverged"."""
+# what add_epoch() takes besides the running train accuracy, as the history records it and curves.png
+# labels it; recording train_eval_accuracy also adds the train-test gap (the overfitting) to the final
+# figures and the summary line, and train_vs_test.png to a run with compare_key
+METRICS = {
+    "train_accuracy": "train (running, during the epoch)",  # counted by EpochMeter.add, always there
+    "train_eval_accuracy": "train (eval mode)",  # the training images evaluated after the epoch
+    "val_accuracy": "validation",  # a validation split (val_fraction)
+    "test_accuracy": "test",
+}
 
-    def __init__(self, run, name, config, model, optimizer, validation=False, reported=None, precision="fp32",
-                 checkpointed=None):
-        """precision: how the model computes, recorded and checked on resume. checkpointed: {name: object}
-        of further state to save in every checkpoint and load on resume (a GradScaler, a scheduler),
-        each with state_dict() and load_state_dict()."""
-        self.run, self.name, self.config, self.model, self.optimizer = run, name, config, model, optimizer
-        self.checkpointed = checkpointed or {}
-        self._saving, self._saving_error = None, None  # the last epoch's files, written in a thread
-        self.folder, self.started = run.new_run_dir() / name, time.perf_counter()
-        environment = {"torch": torch.__version__, "python": platform.python_version(),
-                       "platform": platform.platform(), "device": run.describe, "device_type": run.device.type,
-                       "gpus": [torch.cuda.get_device_name(i) for i in range(run.gpu_count)
-                                if run.device.type == "cuda"],
-                       "torch_cuda_build": torch.version.cuda, "cpu_threads": torch.get_num_threads(),
-                       "data_parallel": run.gpu_count > 1, "compile": run.args.compile, "seed": run.args.seed,
-                       "subset": run.args.subset, "dry_run": run.args.dry_run, "command": sys.argv,
-                       "code": run.code}
-        self.result = {"name": name, "script": run.script, "status": "running", "config": config, "precision": precision,
-                       "validation": validation, "reported": reported, "data": run.data, "history": [],
-                       "not_compared": reported and run.changed and f"other {', '.join(run.changed)}" or None,
-                       "environment": environment}
-        self.start_epoch = self._restore() if run.args.resume is not None else 0
-        run.epochs_left -= self.start_epoch
-        run.records.append(self)
-        self.folder.mkdir(exist_ok=True)
 
-    def epochs(self, steps):
-        """The 0-based epochs still to train (`steps` steps each) until the config diverges. An epoch's random draws
-        (dropout, crops, flips) are seeded by the seed and epoch alone: a resumed run draws what a whole one would."""
-        for epoch in range(self.start_epoch, self.config["num_epochs"]):
-            if self.result["status"] != "running":
-                return
-            torch.manual_seed(self.run.args.seed * 1_000_003 + epoch * 2 + 1)
-            device, self.epoch, self.steps = self.run.device, epoch, steps
-            self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)  # summed on the device: a GPU is
-            self.correct = torch.zeros((), device=device, dtype=torch.long)  # not waited for inside the epoch
-            self.done = self.images = self.logged_loss = self.warmup_seconds = 0
-            self.warmup_steps = 0 if epoch > self.start_epoch else min(WARMUP_STEPS, steps)  # this process's first
-            self.epoch_started = clock(device)
-            yield epoch
+def epoch_seed(seed, epoch, stream):
+    """The seed of one epoch's random draws in a run of --seed `seed`; stream "order" for the order of
+    the training batches (Batches.epoch), stream "draws" for torch's global generator, which the scripts
+    seed at every epoch's start for its dropout masks, crops and flips. It depends on the seed and the
+    epoch alone, so that a resumed run draws what an uninterrupted one would. (The initial weights:
+    each script calls torch.manual_seed(seed) right before building a config's model.)"""
+    return seed * 1_000_003 + epoch * 2 + ("order", "draws").index(stream)
+
+
+class EpochMeter:
+    """One epoch's running training loss and accuracy, summed on the device (a GPU is not waited for
+    inside the epoch). The script's train() calls add() after every step. In a process's first epoch
+    of a config, `warmup_end` is the clock() once its first WARMUP_STEPS steps (compilation, cuDNN's
+    autotuning) are done, so that the script can time them apart; else None."""
+
+    def __init__(self, record, epoch, steps, warmup_steps):
+        device = record.run.device
+        self.record = record
+        self.epoch = epoch
+        self.steps = steps  # in the epoch
+        self.warmup_steps = warmup_steps
+        self.warmup_end = None
+        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.done = 0  # steps
+        self.images = 0
+        self.logged_loss = 0.0  # loss_sum at the last --log-interval line
 
     def add(self, loss, outputs, labels):
-        """After each training step: sums its loss and correct predictions, prints the running loss every
-        --log-interval steps and, seconds into a CPU run that will take long, how long and how to shorten it."""
+        """After a training step: sums its loss and correct predictions; prints the running loss every
+        --log-interval steps and, seconds into a CPU run that will take long, how long and how to
+        shorten it."""
+        run = self.record.run
         self.loss_sum += loss.detach()
         self.correct += (outputs.argmax(1) == labels).sum()
-        self.done, self.images = self.done + 1, self.images + len(labels)
+        self.done += 1
+        self.images += len(labels)
         if self.done == self.warmup_steps:
-            self.warmup_seconds = clock(self.run.device) - self.epoch_started
-        interval = self.run.args.log_interval
+            self.warmup_end = clock(run.device)
+        interval = run.args.log_interval
         if interval and self.done % interval == 0:
             total = self.loss_sum.item()
             print(f"[{self.epoch + 1}, {self.done:5d}] loss: {(total - self.logged_loss) / interval:.3f}")
             self.logged_loss = total
-        warm = self.epoch_started + self.warmup_seconds  # the warm-up's end: the pace is taken after it
-        if self.run.estimating and self.done > self.warmup_steps and time.perf_counter() > warm + 5:
-            self.run.estimating = False
-            left = (time.perf_counter() - warm) / (self.done - self.warmup_steps) * self.steps * self.run.epochs_left
+        warmed_up = self.warmup_end is not None and self.done > self.warmup_steps
+        if run.estimating and warmed_up and time.perf_counter() > self.warmup_end + 5:
+            run.estimating = False  # once per run, in its first epoch: the pace after the warm-up
+            pace = (time.perf_counter() - self.warmup_end) / (self.done - self.warmup_steps)
+            left = pace * self.steps * run.epochs_left
             if left > 600:
-                short = self.run.short_command()
-                print(f"at this pace its training alone takes {duration(left)}; a short run: {short}")
+                print(f"at this pace its training alone takes {duration(left)}; a short run: "
+                      f"{run.short_command()}")
 
-    def add_epoch(self, seconds, **accuracies):
-        """Records an epoch and prints it. Its checkpoint and results.json are written in a thread while the
-        next epoch trains (a GPU epoch can take about as long as writing 90 MB); the next add_epoch,
-        finish() and an interruption wait for them."""
+    def loss(self):
+        return self.loss_sum.item() / max(1, self.done)
+
+    def accuracy(self):
+        return 100.0 * self.correct.item() / max(1, self.images)
+
+
+class Record:
+    """One config's results in <run folder>/config_N/, beside `reported`, the report's figures. A
+    script calls, in this order: Record(...); resume(model, optimizer, ...), which names the state
+    every checkpoint holds and returns the epoch to start from; then per epoch meter(), its steps
+    (EpochMeter.add) and add_epoch(), which saves results.json and a complete checkpoint; and
+    finish() once every epoch is trained. A NaN or blown-up loss ends the config, "diverged"."""
+
+    def __init__(self, run, name, config, validation=False, reported=None, precision="fp32"):
+        """Makes the run folder (the run's first Record: locked while this process lives) and
+        config_N in it. run.load_data() must come first: --resume checks the data against the
+        saved run's. validation: each epoch evaluates a validation split; precision: how the model
+        computes, recorded and checked on resume."""
+        if not run.data:
+            raise RuntimeError("call run.load_data() before Record(): --resume checks the data")
+        self.run = run
+        self.name = name
+        self.config = config
+        self.state = None  # {"model": ..., "optimizer": ..., ...}: set by resume()
+        self.start_epoch = 0
+        self.meters = 0  # made in this process
+        self._saving = None  # the thread writing the last epoch's files
+        self._saving_error = None
+        self.folder = run.new_run_dir() / name
+        self.started = time.perf_counter()  # for the time left, printed after every epoch
+        environment = {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "device": run.describe,
+            "device_type": run.device.type,
+            "gpus": [torch.cuda.get_device_name(i) for i in range(run.gpu_count)
+                     if run.device.type == "cuda"],
+            "torch_cuda_build": torch.version.cuda,
+            "cpu_threads": torch.get_num_threads(),
+            "data_parallel": run.gpu_count > 1,
+            "compile": run.args.compile,
+            "seed": run.args.seed,
+            "subset": run.args.subset,
+            "dry_run": run.args.dry_run,
+            "command": sys.argv,
+            "code": run.code,
+        }
+        not_compared = None
+        if reported and run.changed:
+            not_compared = f"other {', '.join(run.changed)}"
+        self.result = {
+            "name": name,
+            "script": run.script,
+            "status": "running",
+            "config": config,
+            "precision": precision,
+            "validation": validation,
+            "reported": reported,
+            "data": run.data,
+            "history": [],
+            "not_compared": not_compared,
+            "environment": environment,
+        }
+        run.records.append(self)
+        self.folder.mkdir(exist_ok=True)
+
+    @property
+    def status(self):
+        """running (epochs left to train, or all trained and not yet finished), interrupted, diverged
+        or completed."""
+        return self.result["status"]
+
+    def resume(self, model, optimizer, **more):
+        """Names what every checkpoint saves: the model (its plain module, unwrapped from
+        torch.compile and nn.DataParallel), the optimizer and `more` (a GradScaler, a scheduler:
+        anything with state_dict() and load_state_dict(), saved under its keyword). With --resume,
+        loads this config's saved state into them. Returns the 0-based epoch to train from:
+        0 for a new config, num_epochs for one already completed or diverged."""
+        self.state = {"model": unwrap(model), "optimizer": optimizer, **more}
+        self.start_epoch = self._restore() if self.run.args.resume is not None else 0
+        self.run.epochs_left -= self.start_epoch
+        return self.start_epoch
+
+    def meter(self, epoch, steps):
+        """The EpochMeter of epoch `epoch` (0-based) of `steps` steps, for the script's train() to add
+        every step to. A process's first epoch of the config times its first steps apart (warm-up)."""
+        if self.state is None:
+            raise RuntimeError("call record.resume(model, optimizer) before training: it names what "
+                               "the checkpoints save")
+        warmup_steps = min(WARMUP_STEPS, steps) if self.meters == 0 else 0
+        self.meters += 1
+        return EpochMeter(self, epoch, steps, warmup_steps)
+
+    def add_epoch(self, meter, seconds, warmup_seconds=0.0, **accuracies):
+        """Records epoch meter.epoch: its running loss and accuracy, `seconds` of training (the warm-up's
+        `warmup_seconds` apart) and `accuracies` (METRICS' keys), and prints it. Returns False when
+        the loss is NaN, infinite or blown up: the config is then "diverged" and its training ends.
+        The checkpoint and results.json are written in a thread while the next epoch trains (a GPU
+        epoch can take about as long as writing 90 MB); the next add_epoch, finish() and an
+        interruption wait for them."""
+        unknown = set(accuracies) - set(METRICS)
+        if unknown:
+            raise ValueError(f"add_epoch: {sorted(unknown)} are not in common.METRICS")
         history = self.result["history"]
-        loss, train_accuracy = self.loss_sum.item() / self.done, 100.0 * self.correct.item() / self.images
-        entry = {"epoch": len(history) + 1, "train_loss": loss if math.isfinite(loss) else None,
-                 "train_accuracy": train_accuracy, **accuracies, "seconds": seconds - self.warmup_seconds}
-        if self.warmup_steps:
-            entry["warmup_seconds"] = self.warmup_seconds
+        loss = meter.loss()
+        entry = {
+            "epoch": len(history) + 1,
+            "train_loss": loss if math.isfinite(loss) else None,
+            "train_accuracy": meter.accuracy(),
+            **accuracies,
+            "seconds": seconds,
+        }
+        if meter.warmup_steps:
+            entry["warmup_seconds"] = warmup_seconds
         if not math.isfinite(loss) or loss > BLOWN_UP_LOSS:
             history.append(entry)
             self.result["status"] = "diverged"
             self.run.epochs_left -= self.config["num_epochs"] - len(history) + 1  # never to be trained
             self._write_results()
-            print(f"{self.name} diverged: the training loss is {loss:.4g} in epoch {len(history)}; try a lower "
-                  f"learning rate than {self.config['lr']} (--lr)", file=sys.stderr)
-            return
+            print(f"{self.name} diverged: the training loss is {loss:.4g} in epoch {len(history)}; try "
+                  f"a lower learning rate than {self.config['lr']} (--lr)", file=sys.stderr)
+            return False
         self.wait_for_saving()  # the previous epoch's files, before this one's replace them
-        checkpoint = {"config": self.config, "epoch": entry["epoch"], "history": [*history, entry],
-                      "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-                      **{key: value.state_dict() for key, value in self.checkpointed.items()}}
+        checkpoint = {
+            "config": self.config,
+            "epoch": entry["epoch"],
+            "history": [*history, entry],
+            **{key: value.state_dict() for key, value in self.state.items()},
+        }
         checkpoint = cpu_copy(checkpoint)  # a snapshot: training goes on changing the tensors
         history.append(entry)
         self.run.epochs_left -= 1
@@ -785,34 +938,52 @@ class Record:
         self._saving = threading.Thread(target=self._save_epoch, args=(checkpoint, results_text))
         self._saving.start()
         evaluated = "val" if self.result["validation"] else "test"
-        wall_per_epoch = (time.perf_counter() - self.started) / (len(history) - self.start_epoch)
+        epoch_wall = (time.perf_counter() - self.started) / (len(history) - self.start_epoch)
+        left = duration(epoch_wall * self.run.epochs_left)
         print(f"{self.name} epoch {len(history)}/{self.config['num_epochs']}: loss {loss:.3f}, train "
-              f"{train_accuracy:.2f}%, {evaluated} {accuracies[evaluated + '_accuracy']:.2f}%, "
-              f"{entry['seconds']:.1f} s; {duration(wall_per_epoch * self.run.epochs_left)} left in the run")
+              f"{entry['train_accuracy']:.2f}%, {evaluated} {accuracies[evaluated + '_accuracy']:.2f}%, "
+              f"{seconds:.1f} s; {left} left in the run")
+        return True
 
     def finish(self, test_batches, **extra):
-        """After the last epoch: final figures (`extra` too), model.pth, results.json, pictures; once only."""
+        """Once every epoch is trained (status "running"): the final figures (`extra`: the script's
+        own, such as weight_norm), model.pth, results.json and the pictures; status "completed"."""
         result = self.result
-        if result["status"] != "running" or not result["history"]:
-            return
-        counts, last = confusion_matrix(self.model.eval(), test_batches), result["history"][-1]
-        result.update(final_test_accuracy=accuracy(counts) if result["validation"] else last["test_accuracy"],
-                      final_val_accuracy=last.get("val_accuracy"), final_train_accuracy=last["train_accuracy"],
-                      per_class_test_accuracy=per_class_accuracy(counts), confusion_matrix=counts.tolist(),
-                      extra=extra or None)
+        if result["status"] != "running" or len(result["history"]) != self.config["num_epochs"]:
+            raise RuntimeError(f"finish() after the last epoch of a running config, not "
+                               f"{result['status']} at epoch {len(result['history'])}")
+        model = self.state["model"].eval()
+        counts = confusion_matrix(model, test_batches)
+        last = result["history"][-1]
+        final_test_accuracy = last["test_accuracy"] if "test_accuracy" in last else accuracy(counts)
+        result.update(
+            final_test_accuracy=final_test_accuracy,
+            final_val_accuracy=last.get("val_accuracy"),
+            final_train_accuracy=last["train_accuracy"],
+            per_class_test_accuracy=per_class_accuracy(counts),
+            confusion_matrix=counts.tolist(),
+            extra=extra or None,
+        )
         if "train_eval_accuracy" in last:
             result["final_train_eval_accuracy"] = last["train_eval_accuracy"]
-            result["train_test_gap"] = last["train_eval_accuracy"] - result["final_test_accuracy"]
-        save_torch(self.folder / "model.pth", unwrap(self.model).state_dict())
-        plot_confusion(counts, self.folder / "confusion.png", f"{self.run.script} {self.name}")
+            result["train_test_gap"] = last["train_eval_accuracy"] - final_test_accuracy
+        save_torch(self.folder / "model.pth", model.state_dict())
         title = f"{self.run.script} {self.name}"
-        plot_predictions(self.model, test_batches, self.folder / "predictions.png", title)
+        plot_confusion(counts, self.folder / "confusion.png", title)
+        plot_predictions(model, test_batches, self.folder / "predictions.png", title)
         result["status"] = "completed"
         try:  # curves.png, then results.json: "completed" there means every file is written
             self._write_results()
         except ExperimentError:  # unsaved: still running, so the resume line is printed and --resume finishes it
             result["status"] = "running"
             raise
+
+    def mark_interrupted(self):
+        """After Ctrl-C or a signal: status "interrupted" in results.json, once the epoch being saved
+        is; a failure to write it (a full disk) leaves the files as the last saved epoch left them
+        and raises ExperimentError."""
+        self.result["status"] = "interrupted"
+        self._write_results()
 
     def _save_epoch(self, checkpoint, results_text):
         """In a thread: the checkpoint first, so that results.json never lists an epoch it lacks."""
@@ -823,8 +994,8 @@ class Record:
             self._saving_error = error
 
     def wait_for_saving(self):
-        """Waits for the last epoch's checkpoint and results.json. A failure to write them is raised here,
-        and that epoch taken back from the history: the files hold the one before."""
+        """Waits for the last epoch's checkpoint and results.json. A failure to write them is raised
+        here, and that epoch taken back from the history: the files hold the one before."""
         if self._saving is None:
             return
         self._saving.join()
@@ -838,72 +1009,90 @@ class Record:
 
     def _updated_result(self):
         """self.result with its totals and the comparison with the report brought up to date."""
-        result, reported = self.result, self.result["reported"] or {}
-        result["train_seconds"] = sum(entry["seconds"] for entry in result["history"])  # warm-up, evaluation left out
-        result["warmup_seconds"] = sum(entry.get("warmup_seconds", 0.0) for entry in result["history"])
+        result = self.result
+        reported = result["reported"] or {}
+        history = result["history"]
+        result["train_seconds"] = sum(entry["seconds"] for entry in history)  # warm-up, evaluation apart
+        result["warmup_seconds"] = sum(entry.get("warmup_seconds", 0.0) for entry in history)
         result["versus_report"] = None
-        if not result["not_compared"] and "final_test_accuracy" in result and "test_accuracy" in reported:
+        comparable = not result["not_compared"] and "test_accuracy" in reported
+        if comparable and "final_test_accuracy" in result:
             difference = result["final_test_accuracy"] - reported["test_accuracy"]
             # no more decimals than the report wrote: 59.25% against its "60%" is -1, not -0.75
             difference = round(difference, reported.get("decimals", 2))
             result["versus_report"] = {"test_accuracy_points": difference}
             if "train_seconds" in reported:
-                result["versus_report"]["time_ratio"] = result["train_seconds"] / reported["train_seconds"]
+                ratio = result["train_seconds"] / reported["train_seconds"]
+                result["versus_report"]["time_ratio"] = ratio
         return result
 
     def _write_results(self):
-        """results.json now, once the epoch being saved is; before it curves.png, once the config has stopped
-        after at least one epoch (so results.json saying so means the picture is there too)."""
+        """results.json now, once the epoch being saved is; before it curves.png, once the config has
+        stopped after at least one epoch (so results.json saying so means the picture is there too)."""
         self.wait_for_saving()
         result = self._updated_result()
-        if result["status"] != "running" and result["history"]:  # the curves once the config stops
-            names = {"train_accuracy": "train (running, during the epoch)", "train_eval_accuracy": "train (eval mode)",
-                     "val_accuracy": "validation", "test_accuracy": "test"}
-            _plot(self.folder / "curves.png", [
+        if result["status"] != "running" and result["history"]:
+            panels = [
                 (f"{self.name}: training loss", "loss", [("train", result, "train_loss")]),
-                (f"{self.name}: accuracy", "accuracy (%)", [(label, result, key) for key, label in names.items()])])
+                (f"{self.name}: accuracy", "accuracy (%)",
+                 [(label, result, key) for key, label in METRICS.items()]),
+            ]
+            _plot(self.folder / "curves.png", panels)
         write_json(self.folder / "results.json", result)
 
     def _restore(self):
-        """With --resume: the epoch to go on from, once this config's saved state is loaded. A file that cannot
-        be used, or other settings, end the script with one line; nothing in the run folder changes first."""
-        results_file, checkpoint_file = self.folder / "results.json", self.folder / "checkpoint.pt"
+        """With --resume: the epoch to go on from, once this config's saved state is loaded. A file
+        that cannot be used, or other settings, end the script with one line; nothing in the run
+        folder changes first."""
+        results_file = self.folder / "results.json"
+        checkpoint_file = self.folder / "checkpoint.pt"
         fix = f"start a new run (without --resume), or delete {self.folder} to train it again"
-        refuse = lambda path, reason: ExperimentError(  # noqa: E731
-            f"cannot resume {self.run.run_dir}: {path.relative_to(self.run.run_dir)}: {reason}; {fix}")
+
+        def refuse(path, reason):
+            where = path.relative_to(self.run.run_dir)
+            return ExperimentError(f"cannot resume {self.run.run_dir}: {where}: {reason}; {fix}")
+
         if not results_file.exists():
             if checkpoint_file.exists():
                 raise refuse(checkpoint_file, "it has no results.json beside it")
             return 0
         saved = _load(results_file, refuse)
-        now = {"script": self.run.script, "config": self.config, "seed": self.run.args.seed,
-               "subset": self.run.args.subset, "dry_run": self.run.args.dry_run, "device_type": self.run.device.type,
-               "data": self.run.data, "precision": self.result["precision"]}
-        for key, before in ((key, {**saved.get("environment", {}), **saved}.get(key)) for key in now):
-            if before != now[key]:
-                raise refuse(results_file, f"it was trained with {key} {before}, not {now[key]} (resume with those)")
+        now = {
+            "script": self.run.script,
+            "config": self.config,
+            "seed": self.run.args.seed,
+            "subset": self.run.args.subset,
+            "dry_run": self.run.args.dry_run,
+            "device_type": self.run.device.type,
+            "data": self.run.data,
+            "precision": self.result["precision"],
+        }
+        before_now = {**saved.get("environment", {}), **saved}
+        for key, value in now.items():
+            if before_now.get(key) != value:
+                raise refuse(results_file, f"it was trained with {key} {before_now.get(key)}, not "
+                                           f"{value} (resume with those)")
         if saved["status"] in ("completed", "diverged"):
             if saved["status"] == "completed":
-                _load(self.folder / "model.pth", refuse, unwrap(self.model).load_state_dict)
+                _load(self.folder / "model.pth", refuse, self.state["model"].load_state_dict)
             print(f"{self.name}: already {saved['status']} in {self.folder}, skipped")
             self.result.update(saved)
             return self.config["num_epochs"]
         if not checkpoint_file.exists():
             if saved["history"]:
-                raise refuse(checkpoint_file, f"it is missing, and results.json lists {len(saved['history'])} epochs")
+                epochs = len(saved["history"])
+                raise refuse(checkpoint_file, f"it is missing, and results.json lists {epochs} epochs")
             return 0
-        state = _load(checkpoint_file, refuse, self._load_checkpoint)
-        self.result["history"] = state["history"]
-        print(f"{self.name}: resuming after epoch {state['epoch']}")
-        return state["epoch"]
+        checkpoint = _load(checkpoint_file, refuse, self._load_checkpoint)
+        self.result["history"] = checkpoint["history"]
+        print(f"{self.name}: resuming after epoch {checkpoint['epoch']}")
+        return checkpoint["epoch"]
 
-    def _load_checkpoint(self, state):
-        if state["config"] != self.config:
-            raise ValueError(f"it is of config {state['config']}")
-        unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        for key, value in self.checkpointed.items():
-            value.load_state_dict(state[key])
+    def _load_checkpoint(self, checkpoint):
+        if checkpoint["config"] != self.config:
+            raise ValueError(f"it is of config {checkpoint['config']}")
+        for key, value in self.state.items():
+            value.load_state_dict(checkpoint[key])
 
 
 def _load(path, refuse, load=None):
@@ -933,7 +1122,7 @@ def _load(path, refuse, load=None):
     return state
 
 
-def evaluate_saved(args, model, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+def evaluate_saved(args, model, mean, std):
     """--evaluate PATH: loads saved weights into `model`, evaluates them on the test set and prints the
     accuracy, per class, and the figure the results.json beside them records; the exit status."""
     path = Path(args.evaluate)

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.optim as optim
 
-from lenet_cpu import Net  # the tutorial LeNet
+from lenet_cpu import MEAN, STD, Net  # the tutorial LeNet and its normalization
 
 # the report's setting: 50 epochs, lr 0.001, momentum 0.95; batch size 64 (the report did not say)
 REPORT = dict(num_epochs=50, lr=0.001, momentum=0.95, batch_size=64)
@@ -60,7 +60,7 @@ class DropoutNet(Net):
         return self.fc3(x)
 
 
-def train(model, batches, criterion, optimizer, record):
+def train(model, batches, criterion, optimizer, meter):
     """One epoch: the tutorial's step on every batch, Dropout active."""
     model.train()  # Dropout on
     for images, labels in batches:
@@ -69,46 +69,59 @@ def train(model, batches, criterion, optimizer, record):
         loss = criterion(outputs, labels)
         loss.backward()
         optimizer.step()
-        record.add(loss, outputs, labels)
+        meter.add(loss, outputs, labels)  # running loss and accuracy
 
 
 def main(argv=None):
     # LeNet's steps are too small to share between threads: one, unless --threads says otherwise
     args = common.parse_args(__doc__, CONFIGS, argv, threads=1)
     if args.evaluate:
-        return common.evaluate_saved(args, DropoutNet(0.0))  # in eval mode the rate does not matter
-    run = common.Run(__file__, args, short_run="--configs 1 2 --subset 5000", data_parallel=True)
-    data = run.load_data()
-    test_batches = run.batches(data.test, 1000)
-    for name, config in run.configs(CONFIGS):
-        # --val-fraction: the last training images held out, so that an epoch is picked without the test set
-        train_split, val_split = common.hold_out(data.train, config.get("val_fraction", 0.0))
-        train_eval_batches = run.batches(train_split, 1000)  # the training images, evaluated in eval mode
-        val_batches = run.batches(val_split, 1000) if val_split else None
-        model = DropoutNet(config["dropout_rate"]).to(run.device)  # fp32
-        if run.gpu_count > 1:
-            model = nn.DataParallel(model)  # one process splits every batch over all visible GPUs
-        if args.compile:  # on a GPU with CUDA graphs: a step's ~70 small kernels launched as one
-            model = torch.compile(model, mode=common.lenet_compile_mode(run.device))
-        criterion = nn.CrossEntropyLoss()
-        optimizer = optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
-                              fused=True)  # the same update rule in one kernel
-        train_batches = run.batches(train_split, config["batch_size"], train=True)
-        # the config's history and checkpoints; with --resume it goes on from the last checkpoint
-        record = common.Record(run, name, config, model, optimizer, validation=val_batches is not None)
-        for epoch in record.epochs(train_batches.steps):
-            started = common.clock(run.device)
-            train(model, train_batches.epoch(epoch), criterion, optimizer, record)
-            seconds = common.clock(run.device) - started
-            model.eval()  # Dropout off: evaluation sees the whole network
-            accuracies = {"train_eval_accuracy": common.evaluate(model, train_eval_batches),  # overfitting
-                          "test_accuracy": common.evaluate(model, test_batches)}
-            if val_batches:  # recorded beside the test accuracy: error_bars.py picks an epoch by it
-                accuracies["val_accuracy"] = common.evaluate(model, val_batches)
-            record.add_epoch(seconds, **accuracies)
-        record.finish(test_batches)
-        print(f"{name}: Training time: {record.result['train_seconds']:.2f} seconds (its epochs' training steps)")
-    return run.finish(compare_key="dropout_rate")
+        return common.evaluate_saved(args, DropoutNet(0.0), MEAN, STD)  # in eval mode the rate does not matter
+    short_run = "--configs 1 2 --subset 5000"
+    # the with block: Ctrl-C or a kill marks the config interrupted and prints how to resume it
+    with common.Run(__file__, args, MEAN, STD, short_run, data_parallel=True) as run:
+        data = run.load_data()
+        test_batches = run.batches(data.test, 1000)
+        for name, config in run.configs(CONFIGS):
+            # --val-fraction: the last training images held out, to pick an epoch without the test set
+            train_split, val_split = common.hold_out(data.train, config.get("val_fraction", 0.0))
+            train_eval_batches = run.batches(train_split, 1000)  # evaluated in eval mode: overfitting
+            val_batches = run.batches(val_split, 1000) if val_split else None
+            torch.manual_seed(args.seed)  # the initial weights
+            model = DropoutNet(config["dropout_rate"]).to(run.device)  # fp32
+            if run.gpu_count > 1:
+                model = nn.DataParallel(model)  # one process splits every batch over all visible GPUs
+            if args.compile:  # on a GPU with CUDA graphs: a step's ~70 small kernels launched as one
+                model = torch.compile(model, mode=common.lenet_compile_mode(run.device))
+            criterion = nn.CrossEntropyLoss()
+            optimizer = optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
+                                  fused=True)  # the same update rule in one kernel
+            train_batches = run.batches(train_split, config["batch_size"], train=True)
+            record = common.Record(run, name, config, validation=val_batches is not None)
+            # what every checkpoint saves; with --resume, loaded from the last one
+            start = record.resume(model, optimizer)
+            for epoch in range(start, config["num_epochs"]):
+                torch.manual_seed(common.epoch_seed(args.seed, epoch, "draws"))  # a resume draws alike
+                meter = record.meter(epoch, train_batches.steps)
+                started = common.clock(run.device)
+                train(model, train_batches.epoch(epoch), criterion, optimizer, meter)
+                ended = common.clock(run.device)
+                # the training time: from the end of a process's first 3 steps (warm-up), if any
+                timed_from = started if meter.warmup_end is None else meter.warmup_end
+                model.eval()  # Dropout off: evaluation sees the whole network
+                accuracies = {
+                    "train_eval_accuracy": common.evaluate(model, train_eval_batches),
+                    "test_accuracy": common.evaluate(model, test_batches),
+                }
+                if val_batches:  # recorded beside the test accuracy: error_bars.py picks an epoch by it
+                    accuracies["val_accuracy"] = common.evaluate(model, val_batches)
+                if not record.add_epoch(meter, ended - timed_from, timed_from - started, **accuracies):
+                    break  # diverged
+            if record.status == "running":  # every epoch trained
+                record.finish(test_batches)
+            seconds = record.result["train_seconds"]
+            print(f"{name}: Training time: {seconds:.2f} seconds (its epochs' training steps)")
+        return run.finish(compare_key="dropout_rate")
 
 
 if __name__ == "__main__":

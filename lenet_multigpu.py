@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.optim as optim
 
-from lenet_cpu import Net  # the tutorial LeNet: conv 3->6->16 (5x5), max-pool, fc 400-120-84-10
+from lenet_cpu import MEAN, STD, Net  # the tutorial LeNet and its normalization
 
 # The report did not state the batch size of configs 1-3. We guess 512: the low 47.63% of config 1
 # fits few, large steps at lr 0.001 (ours at batch 512: 46.61%). Config 2 (lr 0.01, 100 epochs) does
@@ -66,7 +66,7 @@ for number, seconds in zip(range(4, 11), [263.94, 181.47, 259.07, 180.19, 260.93
     REPORTED[f"config_{number}"].update(train_seconds=seconds, device="4x A100")
 
 
-def train(model, batches, criterion, optimizer, record):
+def train(model, batches, criterion, optimizer, meter):
     """One epoch: the tutorial's step on every batch."""
     model.train()
     for images, labels in batches:
@@ -75,38 +75,51 @@ def train(model, batches, criterion, optimizer, record):
         loss = criterion(outputs, labels)
         loss.backward()
         optimizer.step()
-        record.add(loss, outputs, labels)  # running loss and accuracy, summed on the device
+        meter.add(loss, outputs, labels)  # running loss and accuracy, summed on the device
 
 
 def main(argv=None):
     # LeNet's steps are too small to share between threads: one, unless --threads says otherwise
     args = common.parse_args(__doc__, CONFIGS, argv, threads=1)
     if args.evaluate:
-        return common.evaluate_saved(args, Net())
-    run = common.Run(__file__, args, short_run="--configs 4 --subset 5000", data_parallel=True)
-    data = run.load_data()
-    test_batches = run.batches(data.test, 1000)
-    for name, config in run.configs(CONFIGS):
-        model = Net().to(run.device)  # fp32, as the report
-        if run.gpu_count > 1:
-            model = nn.DataParallel(model)  # one process splits every batch over all visible GPUs
-        if args.compile:  # on a GPU with CUDA graphs: a step's ~70 small kernels launched as one
-            model = torch.compile(model, mode=common.lenet_compile_mode(run.device))
-        criterion = nn.CrossEntropyLoss()
-        optimizer = optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
-                              fused=True)  # the same update rule in one kernel
-        train_batches = run.batches(data.train, config["batch_size"], train=True)
-        # the config's history and checkpoints; with --resume it goes on from the last checkpoint
-        record = common.Record(run, name, config, model, optimizer, reported=REPORTED[name])
-        for epoch in record.epochs(train_batches.steps):
-            started = common.clock(run.device)  # waits for the GPUs, so the time is this epoch's alone
-            train(model, train_batches.epoch(epoch), criterion, optimizer, record)
-            seconds = common.clock(run.device) - started
-            model.eval()
-            record.add_epoch(seconds, test_accuracy=common.evaluate(model, test_batches))
-        record.finish(test_batches)
-        print(f"{name}: Training time: {record.result['train_seconds']:.2f} seconds (its epochs' training steps)")
-    return run.finish()
+        return common.evaluate_saved(args, Net(), MEAN, STD)
+    short_run = "--configs 4 --subset 5000"
+    # the with block: Ctrl-C or a kill marks the config interrupted and prints how to resume it
+    with common.Run(__file__, args, MEAN, STD, short_run, data_parallel=True) as run:
+        data = run.load_data()
+        test_batches = run.batches(data.test, 1000)
+        for name, config in run.configs(CONFIGS):
+            torch.manual_seed(args.seed)  # the initial weights
+            model = Net().to(run.device)  # fp32, as the report
+            if run.gpu_count > 1:
+                model = nn.DataParallel(model)  # one process splits every batch over all visible GPUs
+            if args.compile:  # on a GPU with CUDA graphs: a step's ~70 small kernels launched as one
+                model = torch.compile(model, mode=common.lenet_compile_mode(run.device))
+            criterion = nn.CrossEntropyLoss()
+            optimizer = optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
+                                  fused=True)  # the same update rule in one kernel
+            train_batches = run.batches(data.train, config["batch_size"], train=True)
+            record = common.Record(run, name, config, reported=REPORTED.get(name))
+            # what every checkpoint saves; with --resume, loaded from the last one
+            start = record.resume(model, optimizer)
+            for epoch in range(start, config["num_epochs"]):
+                torch.manual_seed(common.epoch_seed(args.seed, epoch, "draws"))  # a resume draws alike
+                meter = record.meter(epoch, train_batches.steps)
+                started = common.clock(run.device)  # waits for the GPUs: the time is this epoch's
+                train(model, train_batches.epoch(epoch), criterion, optimizer, meter)
+                ended = common.clock(run.device)
+                # the training time: from the end of a process's first 3 steps (warm-up), if any
+                timed_from = started if meter.warmup_end is None else meter.warmup_end
+                model.eval()
+                test_accuracy = common.evaluate(model, test_batches)
+                if not record.add_epoch(meter, ended - timed_from, timed_from - started,
+                                        test_accuracy=test_accuracy):
+                    break  # diverged
+            if record.status == "running":  # every epoch trained
+                record.finish(test_batches)
+            seconds = record.result["train_seconds"]
+            print(f"{name}: Training time: {seconds:.2f} seconds (its epochs' training steps)")
+        return run.finish()
 
 
 if __name__ == "__main__":

@@ -200,7 +200,7 @@ def flip_tta_accuracy(model, batches):
     return 100.0 * correct / len(batches.labels)
 
 
-def train(model, batches, criterion, optimizer, scaler, record, config, first_step, steps_per_epoch):
+def train(model, batches, criterion, optimizer, scaler, meter, config, first_step, steps_per_epoch):
     """One epoch: the learning rate of each step, augmentation, then the usual step. `scaler` is a
     torch.amp.GradScaler, enabled for fp16 only (else its calls are plain backward() and step())."""
     model.train()  # BatchNorm normalizes with batch statistics and updates its running ones
@@ -215,7 +215,7 @@ def train(model, batches, criterion, optimizer, scaler, record, config, first_st
         scaler.scale(loss).backward()  # fp16: the loss scaled up, so that small gradients do not vanish
         scaler.step(optimizer)  # fp16: the gradients unscaled; a step with inf or NaN in them is skipped
         scaler.update()
-        record.add(loss, outputs, labels)
+        meter.add(loss, outputs, labels)  # running loss and accuracy, summed on the device
 
 
 def main(argv=None):
@@ -226,43 +226,54 @@ def main(argv=None):
         return common.evaluate_saved(args, model, CIFAR10_MEAN, CIFAR10_STD)
     # the short run a long CPU run suggests: 5 epochs of the report's config 1 on 5,000 images
     short_run = "--configs 1 --subset 5000 --epochs 5"
-    run = common.Run(__file__, args, CIFAR10_MEAN, CIFAR10_STD, short_run=short_run, data_parallel=True)
-    data = run.load_data()
-    test_batches = run.batches(data.test, 1000)
-    for name, config in run.configs(CONFIGS):
-        # tuning (val_fraction): the last training images held out; the test set then once, at the end
-        train_split, val_split = common.hold_out(data.train, config["val_fraction"])
-        val_batches = run.batches(val_split, 1000) if val_split else None
-        train_batches = run.batches(train_split, config["batch_size"], train=True)
-        model = build_model(run.device)  # bf16 (or fp16) and channels_last where the device computes it natively
-        dtype = model.compute_dtype
-        if run.gpu_count > 1:
-            model = nn.DataParallel(model)  # one process splits every batch over all visible GPUs
-        model = torch.compile(model) if args.compile else model
-        criterion = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
-        optimizer = optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
-                              nesterov=config["nesterov"], weight_decay=config["weight_decay"])
-        scaler = torch.amp.GradScaler(run.device.type, enabled=dtype == torch.float16)
-        # the config's history and checkpoints (the scaler's state too, for fp16); with --resume it goes
-        # on from the last checkpoint
-        record = common.Record(run, name, config, model, optimizer, validation=val_batches is not None,
-                               reported=REPORTED.get(name), precision=precision_name(dtype),
-                               checkpointed={"grad_scaler": scaler} if scaler.is_enabled() else None)
-        steps = train_batches.steps
-        for epoch in record.epochs(steps):
-            started = common.clock(run.device)  # waits for the GPU, so the time is this epoch's alone
-            train(model, train_batches.epoch(epoch), criterion, optimizer, scaler, record, config,
-                  epoch * steps, steps)
-            seconds = common.clock(run.device) - started
-            model.eval()  # BatchNorm: the running statistics
-            evaluated = {"val_accuracy": common.evaluate(model, val_batches)} if val_batches else {
-                "test_accuracy": common.evaluate(model, test_batches)}
-            record.add_epoch(seconds, **evaluated)
-        if record.result["status"] == "running":  # every epoch trained: neither diverged nor ended before --resume
-            tta = round(flip_tta_accuracy(model.eval(), test_batches), 2)
-            record.finish(test_batches, flip_tta_test_accuracy=tta)
-        print(f"{name}: Training time: {record.result['train_seconds']:.2f} seconds (its epochs' training steps)")
-    return run.finish()
+    # the with block: Ctrl-C or a kill marks the config interrupted and prints how to resume it
+    with common.Run(__file__, args, CIFAR10_MEAN, CIFAR10_STD, short_run, data_parallel=True) as run:
+        data = run.load_data()
+        test_batches = run.batches(data.test, 1000)
+        for name, config in run.configs(CONFIGS):
+            # tuning (val_fraction): the last training images held out; the test set once, at the end
+            train_split, val_split = common.hold_out(data.train, config["val_fraction"])
+            val_batches = run.batches(val_split, 1000) if val_split else None
+            train_batches = run.batches(train_split, config["batch_size"], train=True)
+            torch.manual_seed(args.seed)  # the initial weights
+            model = build_model(run.device)  # bf16 (or fp16) and channels_last where native
+            dtype = model.compute_dtype
+            if run.gpu_count > 1:
+                model = nn.DataParallel(model)  # one process splits every batch over all visible GPUs
+            model = torch.compile(model) if args.compile else model
+            criterion = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
+            optimizer = optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
+                                  nesterov=config["nesterov"], weight_decay=config["weight_decay"])
+            scaler = torch.amp.GradScaler(run.device.type, enabled=dtype == torch.float16)
+            record = common.Record(run, name, config, validation=val_batches is not None,
+                                   reported=REPORTED.get(name), precision=precision_name(dtype))
+            # what every checkpoint saves (for fp16 the scaler's state too); with --resume, loaded
+            # from the last one
+            scaler_state = {"grad_scaler": scaler} if scaler.is_enabled() else {}
+            start = record.resume(model, optimizer, **scaler_state)
+            steps = train_batches.steps
+            for epoch in range(start, config["num_epochs"]):
+                torch.manual_seed(common.epoch_seed(args.seed, epoch, "draws"))  # crops and flips
+                meter = record.meter(epoch, steps)
+                started = common.clock(run.device)  # waits for the GPU: the time is this epoch's
+                train(model, train_batches.epoch(epoch), criterion, optimizer, scaler, meter, config,
+                      epoch * steps, steps)
+                ended = common.clock(run.device)
+                # the training time: from the end of a process's first 3 steps (warm-up), if any
+                timed_from = started if meter.warmup_end is None else meter.warmup_end
+                model.eval()  # BatchNorm: the running statistics
+                if val_batches:
+                    accuracies = {"val_accuracy": common.evaluate(model, val_batches)}
+                else:
+                    accuracies = {"test_accuracy": common.evaluate(model, test_batches)}
+                if not record.add_epoch(meter, ended - timed_from, timed_from - started, **accuracies):
+                    break  # diverged
+            if record.status == "running":  # every epoch trained
+                tta = round(flip_tta_accuracy(model.eval(), test_batches), 2)
+                record.finish(test_batches, flip_tta_test_accuracy=tta)
+            seconds = record.result["train_seconds"]
+            print(f"{name}: Training time: {seconds:.2f} seconds (its epochs' training steps)")
+        return run.finish()
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ TRAINING_IMAGES, TEST_IMAGES = 50_000, 10_000
 
 
 class Sums:
-    """What a script's train() hands every step to: here the loss, summed on the device as common.Record.add does."""
+    """What a script's train() hands every step to (common.EpochMeter in the scripts): the loss,
+    summed on the device."""
 
     def __init__(self, device):
         self.loss = torch.zeros((), device=device, dtype=torch.float64)

@@ -48,6 +48,11 @@ def write_cifar10(folder, per_batch=40, test_count=100, seed=0):
     return folder
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: over a second or two on a 2-core CPU; `pytest -m \"not slow\"` "
+                                       "leaves them out")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def scripts_can_be_interrupted():
     """A shell starts a background job (`pytest ... &`, nohup) with Ctrl-C ignored, and the scripts the tests
@@ -101,6 +106,13 @@ def time_lenet_steps(monkeypatch, seconds_of_call):
     monkeypatch.setattr(lenet_cpu.Net, "forward", timed_forward)
 
 
+def new_run(script, arguments, data_parallel=False):
+    """common.Run of a script named `script` with parsed `arguments`, LeNet's normalization, no short run."""
+    import common
+
+    return common.Run(script, arguments, (0.5,) * 3, (0.5,) * 3, short_run="", data_parallel=data_parallel)
+
+
 def run_script(*args, env=None):
     """Runs a script of the repository as a user would; returns the completed process."""
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
@@ -114,8 +126,9 @@ def interrupt_after_epochs(monkeypatch, epochs):
     add_epoch = common.Record.add_epoch
 
     def add_epoch_then_stop(record, *args, **kwargs):
-        add_epoch(record, *args, **kwargs)
+        trained_on = add_epoch(record, *args, **kwargs)
         if len(record.result["history"]) == epochs:
             raise KeyboardInterrupt
+        return trained_on
 
     monkeypatch.setattr(common.Record, "add_epoch", add_epoch_then_stop)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import common
-from conftest import run_script
+from conftest import new_run, run_script
 
 
 def test_loads_the_original_pickle_layout(data_dir):
@@ -130,6 +130,7 @@ def test_failed_download_says_where_to_put_the_data(tmp_path, monkeypatch):
     assert "--data-dir" in str(error.value)
 
 
+@pytest.mark.slow
 def test_script_offline_without_data_ends_with_one_line(tmp_path):
     # a proxy on a closed local port makes the download fail at once, as it does offline
     proxy = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
@@ -199,12 +200,12 @@ def test_bad_values_are_refused_with_argparses_line(argv, option, capsys):
     assert exit.value.code == 2 and "error: argument " + option in error[-1]
 
 
-def new_run(tmp_path, *argv):
-    return common.Run("x.py", common.parse_args("test", CONFIGS, ["--out-dir", str(tmp_path), *argv]))
+def run_of(tmp_path, *argv):
+    return new_run("x.py", common.parse_args("test", CONFIGS, ["--out-dir", str(tmp_path), *argv]))
 
 
 def test_overrides_apply_to_the_chosen_configs(tmp_path):
-    run = new_run(tmp_path, "--configs", "2", "--epochs", "7", "--lr", "0.5")
+    run = run_of(tmp_path, "--configs", "2", "--epochs", "7", "--lr", "0.5")
     assert list(run.configs(CONFIGS)) == [("config_2", dict(num_epochs=7, lr=0.5, momentum=0.9, batch_size=4))]
     assert run.changed == ["epochs", "lr"]
 
@@ -225,6 +226,7 @@ def test_help_shows_each_default_once_and_no_none(capsys):
     assert "--evaluate" in text and "--resume [RUN]" in text
 
 
+@pytest.mark.slow
 def test_unwritable_output_folder_is_one_line_naming_it(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     completed = run_script("lenet_cpu.py", "--out-dir", tmp_path / "file" / "out")
@@ -234,12 +236,12 @@ def test_unwritable_output_folder_is_one_line_naming_it(tmp_path):
 
 def test_each_run_gets_a_new_folder_and_other_files_are_not_runs(tmp_path):
     (tmp_path / "run_009").write_text("a file, not a run folder")
-    folders = [new_run(tmp_path).new_run_dir() for _ in range(2)]
+    folders = [run_of(tmp_path).new_run_dir() for _ in range(2)]
     assert [f.name for f in folders] == ["run_001", "run_002"]
 
 
 def test_one_gpu_or_the_cpu_trains_without_data_parallel(tmp_path):
-    assert new_run(tmp_path, "--device", "cpu").gpu_count == 1
+    assert run_of(tmp_path, "--device", "cpu").gpu_count == 1
 
 
 def test_results_files_are_strict_json(tmp_path):
@@ -258,5 +260,5 @@ def test_threads_come_from_the_flag_then_the_environment_then_the_script(tmp_pat
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert common.parse_args("", CONFIGS, [], threads=1).threads is None  # torch reads the variable itself
     torch.set_num_threads(2)
-    new_run(tmp_path, "--device", "cpu", "--threads", "1")
+    run_of(tmp_path, "--device", "cpu", "--threads", "1")
     assert torch.get_num_threads() == 1

@@ -21,6 +21,7 @@ def train_seeds(data_dir, out_dir, seeds, *extra):
     return sorted(out_dir.glob("run_*"))
 
 
+@pytest.mark.slow
 def test_a_validation_split_is_held_out_of_the_training_images_only(data_dir, tmp_path):
     (run,) = train_seeds(data_dir, tmp_path, [1])
     result = json.loads((run / "config_5" / "results.json").read_text())
@@ -40,6 +41,7 @@ def test_hold_out_keeps_the_first_images_for_training():
         common.hold_out(split, 0.01)  # nothing left to validate on
 
 
+@pytest.mark.slow
 def test_error_bars_are_mean_and_sample_sd_over_seeds(data_dir, tmp_path, capsys):
     runs = train_seeds(data_dir, tmp_path, [1, 2, 3])
     assert error_bars.main([str(tmp_path), "--json", str(tmp_path / "bars.json")]) == 0
@@ -61,6 +63,7 @@ def test_error_bars_are_mean_and_sample_sd_over_seeds(data_dir, tmp_path, capsys
     assert "config_5" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_error_bars_refuse_a_seed_twice_and_name_the_files(data_dir, tmp_path):
     train_seeds(data_dir, tmp_path, [1, 1])
     finished = run_script("error_bars.py", tmp_path)
@@ -68,6 +71,7 @@ def test_error_bars_refuse_a_seed_twice_and_name_the_files(data_dir, tmp_path):
     assert finished.stderr.count("\n") == 1 and "run_001" in finished.stderr and "run_002" in finished.stderr
 
 
+@pytest.mark.slow
 def test_error_bars_refuse_a_folder_without_runs_in_one_line(tmp_path):
     finished = run_script("error_bars.py", tmp_path)
     assert finished.returncode == 1 and finished.stderr.count("\n") == 1 and str(tmp_path) in finished.stderr

@@ -16,13 +16,14 @@ import l2_regularization
 import lenet_cpu
 import lenet_multigpu
 import resnet18
-from conftest import interrupt_after_epochs, run_script, time_lenet_steps
+from conftest import interrupt_after_epochs, new_run, run_script, time_lenet_steps
 from test_interruptions import interrupted_run
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 several_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two or more CUDA GPUs")
 
 
+@pytest.mark.slow
 def test_resume_loads_checkpoints_onto_the_cpu_whatever_the_training_device(data_dir, tmp_path, monkeypatch):
     """On a GPU, checkpoints loaded onto the training device broke --resume (a CPU random state handed over as a
     CUDA tensor). Here a load that does not ask for the CPU puts every tensor on the meta device, as a GPU stand-in."""
@@ -55,6 +56,7 @@ def test_resnet_keeps_its_own_precision_in_a_replica_thread(dtype):
     assert seen == [dtype]
 
 
+@pytest.mark.slow
 def test_lenet_scripts_train_in_fp32_without_autocast(data_dir, tmp_path, monkeypatch):
     entered = []
 
@@ -78,6 +80,7 @@ def test_torchrun_is_refused_with_one_line(monkeypatch):
         lenet_multigpu.main([])
 
 
+@pytest.mark.slow
 def test_a_torchrun_launch_ends_with_that_line_and_no_run_folder(data_dir, tmp_path):
     completed = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "lenet_multigpu.py",
                            "--dry-run", "--data-dir", data_dir, "--out-dir", tmp_path)
@@ -98,17 +101,17 @@ def test_compile_is_refused_with_several_gpus_for_a_data_parallel_script(tmp_pat
     simulate_gpus(monkeypatch, 2)
     arguments = common.parse_args("", [{}], ["--out-dir", str(tmp_path), "--compile"])
     with pytest.raises(common.ExperimentError, match="--compile .*DataParallel"):
-        common.Run("x.py", arguments, data_parallel=True)
+        new_run("x.py", arguments, data_parallel=True)
 
 
 def test_only_a_data_parallel_script_counts_every_gpu(tmp_path, monkeypatch):
     """lenet_cpu.py trains on one GPU of four (simulated): --compile is allowed, one GPU recorded."""
     simulate_gpus(monkeypatch, 4)
     arguments = common.parse_args("", [{}], ["--out-dir", str(tmp_path), "--compile"])
-    one_device = common.Run("lenet_cpu.py", arguments)
+    one_device = new_run("lenet_cpu.py", arguments)
     assert one_device.gpu_count == 1 and one_device.describe == "simulated GPU 0"
     arguments = common.parse_args("", [{}], ["--out-dir", str(tmp_path)])
-    assert common.Run("lenet_multigpu.py", arguments, data_parallel=True).gpu_count == 4
+    assert new_run("lenet_multigpu.py", arguments, data_parallel=True).gpu_count == 4
 
 
 def test_the_clock_waits_for_every_gpu(monkeypatch):
@@ -133,6 +136,7 @@ def test_resnet_computes_in_fp16_on_gpus_without_native_bf16(native_bf16, dtype,
     assert resnet18.compute_dtype(torch.device("cuda")) == dtype and asked == [False]
 
 
+@pytest.mark.slow
 def test_resnet_in_fp16_trains_with_a_grad_scaler_and_resumes_its_state(data_dir, tmp_path, monkeypatch):
     """The fp16 path of a GPU without native bf16, run on the CPU (which computes fp16 autocast too)."""
     monkeypatch.setattr(resnet18, "compute_dtype", lambda device: torch.float16)
@@ -154,6 +158,7 @@ def test_resnet_in_fp16_trains_with_a_grad_scaler_and_resumes_its_state(data_dir
 LENET_SCRIPTS = [(lenet_multigpu, "4"), (l2_regularization, "1"), (dropout_regularization, "1"), (lenet_cpu, "1")]
 
 
+@pytest.mark.slow
 def test_lenet_scripts_compile_with_cuda_graphs_on_a_gpu_only(data_dir, tmp_path, monkeypatch):
     modes = []
     monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or model)
@@ -164,6 +169,7 @@ def test_lenet_scripts_compile_with_cuda_graphs_on_a_gpu_only(data_dir, tmp_path
     assert common.lenet_compile_mode(torch.device("cuda")) == "reduce-overhead"
 
 
+@pytest.mark.slow
 def test_lenet_scripts_step_with_sgds_fused_kernel(data_dir, tmp_path, monkeypatch):
     fused = []
     sgd = torch.optim.SGD
@@ -325,6 +331,7 @@ def test_compile_with_cuda_graphs_resumes_and_times_each_processs_warm_up_apart(
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
 @pytest.mark.parametrize("script, argv", [(lenet_cpu, ["--epochs", "1"]),
                                           (resnet18, ["--configs", "5", "--batch-size", "32", "--epochs", "1"])])
+@pytest.mark.slow
 def test_evaluate_gives_the_recorded_figure_in_the_training_precision(script, argv, device, data_dir, tmp_path,
                                                                        capsys):
     assert script.main([*argv, "--device", device, "--data-dir", str(data_dir), "--out-dir", str(tmp_path)]) == 0

@@ -13,7 +13,7 @@ import torch.optim as optim
 
 import common
 import lenet_cpu
-from conftest import ROOT
+from conftest import ROOT, new_run
 
 
 def history(folder):
@@ -28,6 +28,7 @@ def wait_for_epochs(process, folder, count):
 
 
 @pytest.mark.parametrize("signal_number, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.slow
 def test_interrupt_then_resume_matches_an_uninterrupted_run(signal_number, status, data_dir, tmp_path):
     """Ctrl-C and SIGTERM (kill, job schedulers) alike: epochs saved, one resume line, same result."""
     # 60 short epochs: seconds of training after the signal's trigger, so it lands inside an epoch
@@ -63,6 +64,7 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(signal_number, statu
     assert all(torch.equal(final[key], reference[key]) for key in reference)
 
 
+@pytest.mark.slow
 def test_two_quick_ctrl_c_end_with_one_message(data_dir, tmp_path):
     command = [sys.executable, "lenet_cpu.py", "--device", "cpu", "--data-dir", str(data_dir), "--epochs", "60", "--log-interval", "0",
                "--out-dir", str(tmp_path)]
@@ -90,13 +92,16 @@ def test_resume_skips_finished_configs_and_refuses_changed_ones(data_dir, tmp_pa
 
 def test_resume_without_a_run_is_a_clear_error(tmp_path):
     with pytest.raises(common.ExperimentError, match="no run of .* to continue"):
-        common.Run("x.py", common.parse_args("", [dict(num_epochs=1)], ["--out-dir", str(tmp_path), "--resume"]))
+        args = common.parse_args("", [dict(num_epochs=1)], ["--out-dir", str(tmp_path), "--resume"])
+        new_run("x.py", args)
 
 
 def test_diverging_config_is_marked_and_the_next_one_runs(data_dir, tmp_path, capsys):
     configs = [dict(num_epochs=3, lr=1e6, momentum=0.9, batch_size=8),
                dict(num_epochs=1, lr=0.001, momentum=0.9, batch_size=8)]
-    run = common.Run("x.py", common.parse_args("", configs, ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path)]))
+    args = common.parse_args("", configs, ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir",
+                                           str(tmp_path)])
+    run = new_run("x.py", args)
     data = run.load_data()
     test_batches = run.batches(data.test, 100)
     trained_epochs = []
@@ -104,12 +109,15 @@ def test_diverging_config_is_marked_and_the_next_one_runs(data_dir, tmp_path, ca
         model = lenet_cpu.Net()
         optimizer = optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"])
         train_batches = run.batches(data.train, config["batch_size"], train=True)
-        record = common.Record(run, name, config, model, optimizer)
-        for epoch in record.epochs(train_batches.steps):
+        record = common.Record(run, name, config)
+        for epoch in range(record.resume(model, optimizer), config["num_epochs"]):
             trained_epochs.append((name, epoch))
-            lenet_cpu.train(model, train_batches.epoch(epoch), torch.nn.CrossEntropyLoss(), optimizer, record)
-            record.add_epoch(0.1, test_accuracy=common.evaluate(model.eval(), test_batches))
-        record.finish(test_batches)
+            meter = record.meter(epoch, train_batches.steps)
+            lenet_cpu.train(model, train_batches.epoch(epoch), torch.nn.CrossEntropyLoss(), optimizer, meter)
+            if not record.add_epoch(meter, 0.1, test_accuracy=common.evaluate(model.eval(), test_batches)):
+                break
+        if record.status == "running":
+            record.finish(test_batches)
     assert run.finish() == 1
     assert trained_epochs == [("config_1", 0), ("config_2", 0)]  # no epoch after the divergence
     error = capsys.readouterr().err
@@ -142,6 +150,7 @@ def test_ctrl_c_after_the_last_epoch_says_what_is_saved(data_dir, tmp_path, monk
     assert "config_1: already completed" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_the_final_evaluation_keeps_the_epochs_for_resume(data_dir, tmp_path, monkeypatch, capsys):
     import resnet18
 
@@ -203,6 +212,7 @@ DAMAGES = {
 
 
 @pytest.mark.parametrize("damage", DAMAGES)
+@pytest.mark.slow
 def test_damaged_run_files_stop_resume_with_one_line_and_change_nothing(damage, data_dir, tmp_path):
     arguments, folder = interrupted_run(data_dir, tmp_path)
     make_damage, message = DAMAGES[damage]
@@ -214,6 +224,7 @@ def test_damaged_run_files_stop_resume_with_one_line_and_change_nothing(damage, 
     assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
 
 
+@pytest.mark.slow
 def test_completed_config_without_its_weights_is_a_clear_error(data_dir, tmp_path):
     arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
     assert lenet_cpu.main(arguments) == 0
@@ -222,6 +233,7 @@ def test_completed_config_without_its_weights_is_a_clear_error(data_dir, tmp_pat
         lenet_cpu.main([*arguments, "--resume"])
 
 
+@pytest.mark.slow
 def test_results_of_another_script_are_refused(data_dir, tmp_path):
     arguments, folder = interrupted_run(data_dir, tmp_path)
     results = json.loads((folder / "results.json").read_text())
@@ -230,6 +242,7 @@ def test_results_of_another_script_are_refused(data_dir, tmp_path):
         lenet_cpu.main(arguments)
 
 
+@pytest.mark.slow
 def test_damaged_results_from_the_command_line_end_with_one_line(data_dir, tmp_path):
     arguments, folder = interrupted_run(data_dir, tmp_path)
     truncate(folder / "results.json")

@@ -17,6 +17,7 @@ def test_net_is_the_tutorial_lenet():
     assert net(torch.zeros(4, 3, 32, 32)).shape == (4, 10)
 
 
+@pytest.mark.slow
 def test_run_writes_results_and_never_overwrites(data_dir, tmp_path, capsys):
     arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
     assert lenet_cpu.main(arguments) == 0
@@ -77,7 +78,8 @@ def test_a_long_cpu_run_says_so_early_with_how_to_shorten_it(data_dir, tmp_path,
     assert len(epochs) == 2 and all(line.endswith("left in the run") for line in epochs)
 
 
-@pytest.mark.parametrize("seconds_per_step, estimate", [(1.0, None), (20.0, "33 min")])
+@pytest.mark.parametrize("seconds_per_step, estimate", [(1.0, None), (20.0, "33 min 20 s")])
+@pytest.mark.slow
 def test_the_estimate_leaves_the_slow_warm_up_steps_out(data_dir, tmp_path, monkeypatch, capsys,
                                                        seconds_per_step, estimate):
     # 1000 s for each warm-up step; the estimate comes within the first epoch's steps
@@ -90,9 +92,11 @@ def test_the_estimate_leaves_the_slow_warm_up_steps_out(data_dir, tmp_path, monk
 
 
 def test_durations_read_as_a_person_would():
-    assert [common.duration(s) for s in (4.2, 89, 600, 7200 + 300)] == ["4 s", "89 s", "10 min", "2 h 05 min"]
+    assert [common.duration(s) for s in (4.2, 89, 605, 7200 + 300)] == ["4 s", "89 s", "10 min 05 s",
+                                                                        "2 h 05 min"]
 
 
+@pytest.mark.slow
 def test_lenet_learns_the_tiny_dataset(data_dir, tmp_path):
     arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "15", "--lr", "0.01"]
     assert lenet_cpu.main(arguments) == 0
@@ -101,6 +105,7 @@ def test_lenet_learns_the_tiny_dataset(data_dir, tmp_path):
     assert results["history"][-1]["train_loss"] < results["history"][0]["train_loss"]
 
 
+@pytest.mark.slow
 def test_command_line_error_exits_non_zero(tmp_path):
     completed = run_script("lenet_cpu.py", "--configs", "2", "--out-dir", tmp_path)
     assert completed.returncode == 2 and "invalid choice: 2 (choose from 1)" in completed.stderr
@@ -113,6 +118,7 @@ def test_real_cifar10_two_epochs(real_data_dir, tmp_path):
     assert results["final_test_accuracy"] > 20  # 28.8% on the 5,000-image subset; chance is 10%
 
 
+@pytest.mark.slow
 def test_dry_run_trains_two_batches_of_one_epoch(data_dir, tmp_path):
     arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--dry-run"]
     assert lenet_cpu.main(arguments) == 0

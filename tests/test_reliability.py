@@ -28,6 +28,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_before_it_runs(data_dir, tm
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_weights_that_would_run_code_are_refused_by_evaluate(data_dir, tmp_path):
     marker = tmp_path / "ran"
     torch.save({"conv1.weight": RunsCode(marker)}, tmp_path / "model.pth")
@@ -36,6 +37,7 @@ def test_weights_that_would_run_code_are_refused_by_evaluate(data_dir, tmp_path)
     assert completed.stderr.startswith(f"error: --evaluate {tmp_path / 'model.pth'}: it holds more than")
 
 
+@pytest.mark.slow
 def test_resume_continues_the_interrupted_run_after_another_one(data_dir, tmp_path, monkeypatch, capsys):
     arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "4", "--epochs", "4"]
     interrupt_after_epochs(monkeypatch, 2)
@@ -75,6 +77,7 @@ def test_resume_with_other_settings_is_refused_naming_the_difference(change, set
     assert (folder / "results.json").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_summary_lists_every_config_the_run_folder_holds(data_dir, tmp_path):
     arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
     assert lenet_multigpu.main([*arguments, "--configs", "5", "7"]) == 0
@@ -84,6 +87,7 @@ def test_summary_lists_every_config_the_run_folder_holds(data_dir, tmp_path):
     assert summary["resumed"] is True  # its wall time is the resumed process's
 
 
+@pytest.mark.slow
 def test_a_run_in_use_is_refused_naming_its_process(data_dir, tmp_path):
     command = [sys.executable, "lenet_cpu.py", "--device", "cpu", "--data-dir", str(data_dir), "--epochs", "60", "--log-interval", "0",
                "--out-dir", str(tmp_path)]
@@ -97,6 +101,7 @@ def test_a_run_in_use_is_refused_naming_its_process(data_dir, tmp_path):
         process.communicate(timeout=60)
 
 
+@pytest.mark.slow
 def test_a_closed_output_stops_the_run_as_an_interruption(data_dir, tmp_path):
     command = [sys.executable, "lenet_cpu.py", "--device", "cpu", "--data-dir", str(data_dir), "--epochs", "60", "--log-interval", "0",
                "--out-dir", str(tmp_path)]
@@ -139,12 +144,14 @@ def full_disk_on_the_nth(monkeypatch, name, nth):
     monkeypatch.setattr(common, "_write_bytes", fill_the_disk)
 
 
+@pytest.mark.slow
 def test_a_path_too_long_for_the_file_system_is_one_line(data_dir, tmp_path):
     completed = run_script("lenet_cpu.py", "--device", "cpu", "--data-dir", data_dir, "--out-dir", tmp_path / ("x" * 300), "--epochs", "1")
     assert completed.returncode == 1 and "Traceback" not in completed.stderr
     assert completed.stderr.startswith("error: ") and completed.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_a_folder_named_latest_is_reported_after_the_run_is_saved(data_dir, tmp_path):
     (tmp_path / "latest").mkdir()
     completed = run_script("lenet_cpu.py", "--device", "cpu", "--data-dir", data_dir, "--out-dir", tmp_path, "--epochs", "1")

@@ -32,15 +32,6 @@ def test_saved_weights_load_into_torchvision_with_a_cifar_stem_and_give_the_same
     assert torch.allclose(model.eval()(images), reference.eval()(images), atol=1e-5)
 
 
-def test_configs_hold_the_reports_four_and_their_times_then_the_modern_recipe():
-    report = [(c["num_epochs"], c["lr"], c["momentum"]) for c in resnet18.CONFIGS[:4]]
-    assert report == [(15, 0.01, 0.95), (25, 0.01, 0.95), (25, 0.005, 0.9), (25, 0.005, 0.95)]
-    assert [resnet18.REPORTED[f"config_{n}"]["train_seconds"] for n in range(1, 5)] == [186.00, 300.44, 298.37, 305.84]
-    modern = resnet18.CONFIGS[4]
-    assert modern["num_epochs"] <= 25 and modern["augment"] and modern["nesterov"]
-    assert modern["weight_decay"] > 0 and modern["label_smoothing"] > 0 and modern["warmup_epochs"] > 0
-
-
 def test_crops_and_flips_differ_per_image_and_stay_inside_the_padding():
     torch.manual_seed(0)
     image = torch.randn(1, 3, 32, 32)
@@ -78,6 +69,7 @@ def test_step_schedule_halves_every_twenty_epochs():
     assert [rates[epoch * 3] for epoch in (0, 19, 20, 39)] == pytest.approx([0.01, 0.01, 0.005, 0.005])
 
 
+@pytest.mark.slow
 def test_modern_config_trains_one_epoch_and_writes_its_outputs(data_dir, tmp_path, capsys):
     arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "5", "--subset", "64",
                  "--epochs", "1", "--batch-size", "32"]
@@ -91,6 +83,7 @@ def test_modern_config_trains_one_epoch_and_writes_its_outputs(data_dir, tmp_pat
     assert "flip_tta_test_accuracy" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_validation_config_keeps_the_test_set_for_the_end(data_dir, tmp_path):
     arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "6", "--subset", "80",
                  "--epochs", "1", "--batch-size", "24"]

@@ -78,6 +78,7 @@ def test_resume_notices_other_images_with_the_same_labels(data_dir, tmp_path):
         lenet_cpu.main(arguments)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_run_of_another_script(data_dir, tmp_path):
     """lenet_cpu.py --resume into a dropout run once added its config_1 to it."""
     common_arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
@@ -95,6 +96,7 @@ def test_resume_refuses_a_run_of_another_script(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["model.pth", "curves.png"])
+@pytest.mark.slow
 def test_a_full_disk_after_the_last_epoch_prints_the_resume_line_and_resume_finishes(name, data_dir, tmp_path,
                                                                                      monkeypatch, capsys):
     arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "2"]
@@ -121,11 +123,13 @@ def assert_one_error_line(completed):
     assert completed.stderr.startswith("error: ") and completed.stderr.count("\n") == 1, completed.stderr
 
 
+@pytest.mark.slow
 def test_a_data_dir_in_a_symlink_loop_is_one_line(tmp_path):
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     assert_one_error_line(run_script("lenet_cpu.py", "--data-dir", tmp_path / "loop", "--out-dir", tmp_path / "o"))
 
 
+@pytest.mark.slow
 def test_a_bad_matplotlib_backend_is_one_line_before_any_training(data_dir, tmp_path):
     completed = run_script("lenet_cpu.py", "--device", "cpu", "--data-dir", data_dir, "--out-dir", tmp_path,
                            "--epochs", "1", env={"MPLBACKEND": "nonsense"})
@@ -133,6 +137,7 @@ def test_a_bad_matplotlib_backend_is_one_line_before_any_training(data_dir, tmp_
     assert "MPLBACKEND" in completed.stderr and not list(tmp_path.glob("run_*"))
 
 
+@pytest.mark.slow
 def test_a_results_file_lacking_a_key_is_one_line_on_resume(data_dir, tmp_path):
     arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
     assert dropout_regularization.main([*arguments, "--configs", "1", "2"]) == 0
@@ -145,6 +150,7 @@ def test_a_results_file_lacking_a_key_is_one_line_on_resume(data_dir, tmp_path):
     assert "train_seconds" in completed.stderr
 
 
+@pytest.mark.slow
 def test_compile_without_a_compiler_is_one_line_and_leaves_no_run_folder(data_dir, tmp_path):
     empty = tmp_path / "bin"  # a PATH with no compiler on it
     empty.mkdir()
@@ -154,6 +160,7 @@ def test_compile_without_a_compiler_is_one_line_and_leaves_no_run_folder(data_di
     assert "C++ compiler" in completed.stderr and not list((tmp_path / "o").glob("run_*"))
 
 
+@pytest.mark.slow
 def test_an_ascii_terminal_and_a_non_ascii_out_dir(data_dir, tmp_path):
     completed = run_script("lenet_cpu.py", "--device", "cpu", "--data-dir", data_dir, "--out-dir",
                            tmp_path / "résultats", "--epochs", "1", env={"PYTHONIOENCODING": "ascii"})
@@ -175,6 +182,7 @@ def test_ctrl_c_while_torch_loads_is_one_line(data_dir, tmp_path):
     assert stderr.startswith("interrupted") and "nothing was saved" in stderr and stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_an_argument_error_is_one_line_without_the_usage_block():
     completed = run_script("lenet_cpu.py", "--seed", "-1")
     assert completed.returncode == 2 and completed.stderr.count("\n") == 1
@@ -197,6 +205,7 @@ def test_a_planted_lock_link_is_refused_and_its_target_untouched(data_dir, tmp_p
     assert victim.read_text() == "precious"
 
 
+@pytest.mark.slow
 def test_a_link_planted_at_the_old_temporary_name_is_not_written_through(data_dir, tmp_path):
     arguments, folder = interrupted_run(data_dir, tmp_path)
     victim = tmp_path / "victim.txt"
@@ -229,10 +238,10 @@ def test_ctrl_c_during_a_write_leaves_no_temporary_file(data_dir, tmp_path, monk
 
 def test_a_run_stopped_before_its_first_epoch_leaves_no_folder(data_dir, tmp_path, monkeypatch, capsys):
     """bare --resume once picked the empty run_NNN such a run left."""
-    def stop_at_the_first_step(record, *args):
+    def stop_at_the_first_step(meter, *args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(common.Record, "add", stop_at_the_first_step)
+    monkeypatch.setattr(common.EpochMeter, "add", stop_at_the_first_step)
     with pytest.raises(SystemExit) as exit:
         common.run_main(lambda: lenet_cpu.main(["--device", "cpu", "--data-dir", str(data_dir), "--out-dir",
                                                 str(tmp_path), "--epochs", "1"]))
@@ -240,6 +249,7 @@ def test_a_run_stopped_before_its_first_epoch_leaves_no_folder(data_dir, tmp_pat
     assert not list(tmp_path.glob("run_*"))
 
 
+@pytest.mark.slow
 def test_resuming_an_old_completed_run_leaves_latest_at_the_newest(data_dir, tmp_path):
     arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
     assert lenet_cpu.main(arguments) == 0
@@ -248,6 +258,7 @@ def test_resuming_an_old_completed_run_leaves_latest_at_the_newest(data_dir, tmp
     assert (tmp_path / "latest").read_text().strip() == "run_002"
 
 
+@pytest.mark.slow
 def test_sighup_stops_the_run_like_sigterm(data_dir, tmp_path):
     """A closed terminal or a dropped ssh connection once left the status `running` without a word."""
     process = subprocess.Popen([sys.executable, "lenet_cpu.py", "--device", "cpu", "--data-dir", str(data_dir),
@@ -263,7 +274,7 @@ def test_sighup_stops_the_run_like_sigterm(data_dir, tmp_path):
 
 def test_a_loss_that_blows_up_without_becoming_nan_is_divergence(data_dir, tmp_path, monkeypatch, capsys):
     """lr 10 once ended `completed` at chance accuracy with a training loss of 1.4e18."""
-    monkeypatch.setattr(common.Record, "add", blown_up_add(common.Record.add))
+    monkeypatch.setattr(common.EpochMeter, "add", blown_up_add(common.EpochMeter.add))
     status = lenet_cpu.main(["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path),
                              "--epochs", "3"])
     results = json.loads((tmp_path / "run_001" / "config_1" / "results.json").read_text())
@@ -272,7 +283,7 @@ def test_a_loss_that_blows_up_without_becoming_nan_is_divergence(data_dir, tmp_p
 
 
 def blown_up_add(add):
-    """Record.add with every step's loss replaced by a finite 1.4e18."""
-    def add_blown_up_loss(record, loss, outputs, labels):
-        add(record, loss.detach() * 0 + 1.4e18, outputs, labels)
+    """EpochMeter.add with every step's loss replaced by a finite 1.4e18."""
+    def add_blown_up_loss(meter, loss, outputs, labels):
+        add(meter, loss.detach() * 0 + 1.4e18, outputs, labels)
     return add_blown_up_loss
