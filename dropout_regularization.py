@@ -1,23 +1,25 @@
 """Dropout regularization of the tutorial LeNet: nn.Dropout between the fully connected layers.
 
-DropoutNet is the tutorial's Net with nn.Dropout(dropout_rate) after each hidden fully connected layer
-(fc1 and fc2). Dropout acts only in training mode: train() below switches the model to model.train()
-before its steps, and main() to model.eval() before every evaluation, which then sees the whole network.
-Config 1 is the control (dropout_rate 0), config 2 the report's setting (0.5) with otherwise identical
-hyper-parameters, configs 3-4 sweep the rate. After every epoch the training images are evaluated in eval
-mode too, so the train-test gap (eval-mode train accuracy minus test accuracy) measures the overfitting;
-train_vs_test.png shows it per config. On a GPU it trains in fp32 (on Ampere and newer,
-cuDNN's convolutions in TF32 by PyTorch's defaults).
+DropoutNet is the tutorial's Net with nn.Dropout(dropout_rate) after each hidden fully connected
+layer (fc1 and fc2). Dropout acts only in training mode: train() below switches the model to
+model.train() before its steps, and main() to model.eval() before every evaluation, which then sees
+the whole network. Config 1 is the control (dropout_rate 0), config 2 the report's setting (0.5)
+with otherwise identical hyper-parameters, configs 3-4 sweep the rate. After every epoch the
+training images are evaluated in eval mode too, so the train-test gap (eval-mode train accuracy
+minus test accuracy) measures the overfitting; train_vs_test.png shows it per config. On a GPU it
+trains in fp32 (on Ampere and newer, cuDNN's convolutions in TF32 by PyTorch's defaults).
 
-    python dropout_regularization.py --configs 1 2 --subset 5000     # the effect in about 2 minutes on a CPU
-    python dropout_regularization.py           # all configs, outputs in modelset/dropout_regularization/
+    python dropout_regularization.py --configs 1 2 --subset 5000     # the effect in about 2 minutes
+    on a CPU python dropout_regularization.py           # all configs, outputs in
+    modelset/dropout_regularization/
 
-The report: less overfitting (a smaller train-test gap) for slightly lower test accuracy. Measured on the
-full CIFAR-10 (a JPEG copy), 2-core CPU, torch 2.14.1, 50 epochs (modelset/reference/dropout_regularization/):
+The report: less overfitting (a smaller train-test gap) for slightly lower test accuracy. Measured
+on the full CIFAR-10 (a JPEG copy), 2-core CPU, torch 2.14.1, 50 epochs
+(modelset/reference/dropout_regularization/):
 
     config | dropout rate | test accuracy | train-test gap
     1      | 0            | 62.17%        | 24.92 points     the control
-    2      | 0.5          | 64.13%        | 7.69 points      the report's: the gap narrows, accuracy rises
+    2      | 0.5          | 64.13%        | 7.69 points      the report's setting
     3      | 0.25         | 64.97%        | 13.91 points     the best test accuracy
     4      | 0.75         | 58.05%        | 2.13 points      no gap left, but it underfits
 
@@ -45,7 +47,8 @@ CONFIGS = [
 
 
 class DropoutNet(Net):
-    """The tutorial LeNet with Dropout on the hidden fully connected layers (Srivastava et al., 2014)."""
+    """The tutorial LeNet with Dropout on the hidden fully connected layers (Srivastava et al.,
+    2014)."""
 
     def __init__(self, dropout_rate):
         super().__init__()
@@ -76,32 +79,39 @@ def main(argv=None):
     # LeNet's steps are too small to share between threads: one, unless --threads says otherwise
     args = common.parse_args(__doc__, CONFIGS, argv, threads=1)
     if args.evaluate:
-        return common.evaluate_saved(args, DropoutNet(0.0), MEAN, STD)  # in eval mode the rate does not matter
+        # in eval mode the rate does not matter
+        return common.evaluate_saved(args, DropoutNet(0.0), MEAN, STD)
     short_run = "--configs 1 2 --subset 5000"
     # the with block: Ctrl-C or a kill marks the config interrupted and prints how to resume it
     with common.Run(__file__, args, MEAN, STD, short_run, data_parallel=True) as run:
         data = run.load_data()
         test_batches = run.batches(data.test, 1000)
         for name, config in run.configs(CONFIGS):
-            # --val-fraction: the last training images held out, to pick an epoch without the test set
+            # --val-fraction: the last training images held out, to pick an epoch without the test
+            # set
             train_split, val_split = common.hold_out(data.train, config.get("val_fraction", 0.0))
-            train_eval_batches = run.batches(train_split, 1000)  # evaluated in eval mode: overfitting
+            # evaluated in eval mode: overfitting
+            train_eval_batches = run.batches(train_split, 1000)
             val_batches = run.batches(val_split, 1000) if val_split else None
             torch.manual_seed(args.seed)  # the initial weights
             model = DropoutNet(config["dropout_rate"]).to(run.device)  # fp32
             if run.gpu_count > 1:
-                model = nn.DataParallel(model)  # one process splits every batch over all visible GPUs
-            if args.compile:  # on a GPU with CUDA graphs: a step's ~70 small kernels launched as one
+                # one process splits every batch over all visible GPUs
+                model = nn.DataParallel(model)
+            # on a GPU with CUDA graphs: a step's ~70 small kernels launched as one
+            if args.compile:
                 model = torch.compile(model, mode=common.lenet_compile_mode(run.device))
             criterion = nn.CrossEntropyLoss()
-            optimizer = optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
-                                  fused=True)  # the same update rule in one kernel
+            optimizer = optim.SGD(
+                model.parameters(), lr=config["lr"], momentum=config["momentum"], fused=True
+            )  # the same update rule in one kernel
             train_batches = run.batches(train_split, config["batch_size"], train=True)
             record = common.Record(run, name, config, validation=val_batches is not None)
             # what every checkpoint saves; with --resume, loaded from the last one
             start = record.resume(model, optimizer)
             for epoch in range(start, config["num_epochs"]):
-                torch.manual_seed(common.epoch_seed(args.seed, epoch, "draws"))  # a resume draws alike
+                # a resume draws alike
+                torch.manual_seed(common.epoch_seed(args.seed, epoch, "draws"))
                 meter = record.meter(epoch, train_batches.steps)
                 started = common.clock(run.device)
                 train(model, train_batches.epoch(epoch), criterion, optimizer, meter)
@@ -113,9 +123,12 @@ def main(argv=None):
                     "train_eval_accuracy": common.evaluate(model, train_eval_batches),
                     "test_accuracy": common.evaluate(model, test_batches),
                 }
-                if val_batches:  # recorded beside the test accuracy: error_bars.py picks an epoch by it
+                # recorded beside the test accuracy: error_bars.py picks an epoch by it
+                if val_batches:
                     accuracies["val_accuracy"] = common.evaluate(model, val_batches)
-                if not record.add_epoch(meter, ended - timed_from, timed_from - started, **accuracies):
+                if not record.add_epoch(
+                    meter, ended - timed_from, timed_from - started, **accuracies
+                ):
                     break  # diverged
             if record.status == "running":  # every epoch trained
                 record.finish(test_batches)

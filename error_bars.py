@@ -1,11 +1,11 @@
 """Error bars: each config's figures as mean +- standard deviation over runs with different seeds.
 
-One seed's figure moves by a point or more with the seed alone (README.md, "Results"), so a difference
-between two configs means something only beside its spread. Train the configs once per seed, then
-point this at the run folders:
+One seed's figure moves by a point or more with the seed alone (README.md, "Results"), so a
+difference between two configs means something only beside its spread. Train the configs once per
+seed, then point this at the run folders:
 
-    python l2_regularization.py --configs 1 2 --val-fraction 0.1 --seed 1    # again with --seed 2, 3
-    python error_bars.py modelset/l2_regularization/run_001 modelset/l2_regularization/run_002 ...
+    python l2_regularization.py --configs 1 2 --val-fraction 0.1 --seed 1    # again with --seed 2,
+    3 python error_bars.py modelset/l2_regularization/run_001 modelset/l2_regularization/run_002 ...
     python error_bars.py modelset/l2_regularization       # every run in that folder
 
 A group is one script's config (overrides included) on the same data and precision; it holds one
@@ -27,16 +27,19 @@ import statistics
 from pathlib import Path
 
 
-NEEDED = {"name", "script", "status", "config", "data", "history", "environment"}  # of each results.json
+# of each results.json
+NEEDED = {"name", "script", "status", "config", "data", "history", "environment"}
 
 
 def run_folders(paths):
-    """The run folders among `paths`, each a run (run_NNN) or a folder of runs (all of its run_NNN)."""
+    """The run folders among `paths`, each a run (run_NNN) or a folder of runs (all of its
+    run_NNN)."""
     folders = []
     for path in map(Path, paths):
         if not path.is_dir():
-            raise common.ExperimentError(f"{path} is not a folder; name run folders (run_NNN) or the "
-                                         f"folders that hold them")
+            raise common.ExperimentError(
+                f"{path} is not a folder; name run folders (run_NNN) or the folders that hold them"
+            )
         runs = [path] if list(path.glob("config_*/results.json")) else sorted(path.glob("run_*"))
         runs = [run for run in runs if list(run.glob("config_*/results.json"))]
         if not runs:
@@ -52,18 +55,27 @@ def read_results(folder):
         try:
             result = json.loads(path.read_text())
         except (OSError, ValueError) as error:
-            raise common.ExperimentError(f"cannot read {path} ({common.first_line(error)})") from None
-        if not isinstance(result, dict) or not NEEDED <= result.keys() or "seed" not in result["environment"]:
-            raise common.ExperimentError(f"{path} is not a run's results.json (it lacks a seed, a config, "
-                                         f"data or a status)")
+            raise common.ExperimentError(
+                f"cannot read {path} ({common.first_line(error)})"
+            ) from None
+        if (
+            not isinstance(result, dict)
+            or not NEEDED <= result.keys()
+            or "seed" not in result["environment"]
+        ):
+            raise common.ExperimentError(
+                f"{path} is not a run's results.json (it lacks a seed, a config, data or a status)"
+            )
         results.append((path, result))
     return results
 
 
 def group_key(result):
     """What must match for runs to be seeds of one experiment: script, config, data, precision."""
-    return json.dumps([result["script"], result["config"], result["data"], result.get("precision")],
-                      sort_keys=True)
+    return json.dumps(
+        [result["script"], result["config"], result["data"], result.get("precision")],
+        sort_keys=True,
+    )
 
 
 def picked_by_validation(history):
@@ -91,11 +103,15 @@ def summarize(group):
     """The figures of one group: [(path, result), ...] of completed runs with distinct seeds."""
     results = [result for _, result in group]
     first = results[0]
-    summary = {"script": first["script"], "names": sorted({r["name"] for r in results}),
-               "config": first["config"], "data": first["data"],
-               "seeds": [r["environment"]["seed"] for r in results],
-               "results": [str(path) for path, _ in group],
-               "last_epoch_test_accuracy": spread([r["final_test_accuracy"] for r in results])}
+    summary = {
+        "script": first["script"],
+        "names": sorted({r["name"] for r in results}),
+        "config": first["config"],
+        "data": first["data"],
+        "seeds": [r["environment"]["seed"] for r in results],
+        "results": [str(path) for path, _ in group],
+        "last_epoch_test_accuracy": spread([r["final_test_accuracy"] for r in results]),
+    }
     picked = [picked_by_validation(r["history"]) for r in results]
     if all(picked):
         summary["val_picked_test_accuracy"] = spread([accuracy for _, accuracy in picked])
@@ -106,8 +122,9 @@ def summarize(group):
 
 
 def main(argv=None):
-    parser = common.OneLineErrorParser(description=__doc__,
-                                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.OneLineErrorParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or folders of runs")
     parser.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
@@ -122,16 +139,23 @@ def main(argv=None):
                 if other["environment"]["seed"] == result["environment"]["seed"]:
                     raise common.ExperimentError(
                         f"{other_path} and {path} are the same config with the same seed "
-                        f"({result['environment']['seed']}): name each seed's run once")
+                        f"({result['environment']['seed']}): name each seed's run once"
+                    )
             group.append((path, result))
     summaries = [summarize(group) for group in groups.values()]
     summaries.sort(key=lambda s: (s["script"], int(s["names"][0].removeprefix("config_"))))
-    print("mean +- standard deviation over seeds; test accuracy at the last epoch, and at the epoch of "
-          "the best validation accuracy where there is a validation split")
+    print(
+        "mean +- standard deviation over seeds; test accuracy at the last epoch, and at the "
+        "epoch of "
+        "the best validation accuracy where there is a validation split"
+    )
     for summary in summaries:
         seeds = ", ".join(map(str, summary["seeds"]))
-        line = (f"{summary['script']} {'/'.join(summary['names'])} {summary['config']} (seeds {seeds}): "
-                f"last epoch {shown(summary['last_epoch_test_accuracy'], '%')}")
+        line = (
+            f"{summary['script']} {'/'.join(summary['names'])} {summary['config']} "
+            f"(seeds {seeds}): "
+            f"last epoch {shown(summary['last_epoch_test_accuracy'], '%')}"
+        )
         if "val_picked_test_accuracy" in summary:
             picked = summary["val_picked_test_accuracy"]
             epochs = ", ".join(map(str, picked["epochs"]))

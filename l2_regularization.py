@@ -1,26 +1,28 @@
 """L2 regularization of the tutorial LeNet: SGD's weight_decay against an unregularized control.
 
-SGD's weight_decay adds wd * w to every gradient, so the penalty's pull on the weights passes through
-the momentum buffer like the loss's: with momentum m it builds up to about 1 / (1 - m) times a single
-step's lr * wd * w (20 times at the report's m = 0.95). Config 1 is the control (weight_decay 0),
-config 2 the report's setting (1e-4) with otherwise identical hyper-parameters, configs 3-5 sweep the
-strength. After every epoch the training images are evaluated in eval mode too, so the train-test gap
-(eval-mode train accuracy minus test accuracy) measures the overfitting; train_vs_test.png shows it per
-config, and the summary adds each model's weight norm. On a GPU it trains in fp32 (on Ampere and newer,
-cuDNN's convolutions in TF32 by PyTorch's defaults).
+SGD's weight_decay adds wd * w to every gradient, so the penalty's pull on the weights passes
+through the momentum buffer like the loss's: with momentum m it builds up to about 1 / (1 - m) times
+a single step's lr * wd * w (20 times at the report's m = 0.95). Config 1 is the control
+(weight_decay 0), config 2 the report's setting (1e-4) with otherwise identical hyper-parameters,
+configs 3-5 sweep the strength. After every epoch the training images are evaluated in eval mode
+too, so the train-test gap (eval-mode train accuracy minus test accuracy) measures the overfitting;
+train_vs_test.png shows it per config, and the summary adds each model's weight norm. On a GPU it
+trains in fp32 (on Ampere and newer, cuDNN's convolutions in TF32 by PyTorch's defaults).
 
-    python l2_regularization.py --configs 1 5 --subset 5000      # the effect in about 2 minutes on a CPU
-    python l2_regularization.py                # all configs, outputs in modelset/l2_regularization/
+    python l2_regularization.py --configs 1 5 --subset 5000      # the effect in about 2 minutes on
+    a CPU python l2_regularization.py                # all configs, outputs in
+    modelset/l2_regularization/
 
-The report: less overfitting (a smaller train-test gap) for slightly lower test accuracy. Measured on the
-full CIFAR-10 (a JPEG copy), 2-core CPU, torch 2.14.1, 50 epochs (modelset/reference/l2_regularization/):
+The report: less overfitting (a smaller train-test gap) for slightly lower test accuracy. Measured
+on the full CIFAR-10 (a JPEG copy), 2-core CPU, torch 2.14.1, 50 epochs
+(modelset/reference/l2_regularization/):
 
     config | weight decay | test accuracy | train-test gap | weight norm
     1      | 0            | 62.17%        | 24.92 points   | 22.78    the control
     2      | 0.0001       | 62.85%        | 23.76 points   | 22.18    the report's: a small effect
     3      | 0.0005       | 63.02%        | 23.28 points   | 20.22
     4      | 0.001        | 63.93%        | 21.39 points   | 18.37
-    5      | 0.005        | 66.22%        | 10.10 points   | 11.60    the gap narrows, accuracy rises
+    5      | 0.005        | 66.22%        | 10.10 points   | 11.60    narrower gap, higher accuracy
 
 The control overfits (its test accuracy peaks at 64.69% in epoch 26), so strong L2 helps both. One
 seed, the last epoch: differences of a few tenths are within what the seed and the machine move. At
@@ -75,26 +77,35 @@ def main(argv=None):
         data = run.load_data()
         test_batches = run.batches(data.test, 1000)
         for name, config in run.configs(CONFIGS):
-            # --val-fraction: the last training images held out, to pick an epoch without the test set
+            # --val-fraction: the last training images held out, to pick an epoch without the test
+            # set
             train_split, val_split = common.hold_out(data.train, config.get("val_fraction", 0.0))
-            train_eval_batches = run.batches(train_split, 1000)  # evaluated in eval mode: overfitting
+            # evaluated in eval mode: overfitting
+            train_eval_batches = run.batches(train_split, 1000)
             val_batches = run.batches(val_split, 1000) if val_split else None
             torch.manual_seed(args.seed)  # the initial weights
             model = Net().to(run.device)  # fp32
             if run.gpu_count > 1:
-                model = nn.DataParallel(model)  # one process splits every batch over all visible GPUs
-            if args.compile:  # on a GPU with CUDA graphs: a step's ~70 small kernels launched as one
+                # one process splits every batch over all visible GPUs
+                model = nn.DataParallel(model)
+            # on a GPU with CUDA graphs: a step's ~70 small kernels launched as one
+            if args.compile:
                 model = torch.compile(model, mode=common.lenet_compile_mode(run.device))
             criterion = nn.CrossEntropyLoss()
-            optimizer = optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
-                                  weight_decay=config["weight_decay"],  # the L2 penalty
-                                  fused=True)  # the same update rule in one kernel
+            optimizer = optim.SGD(
+                model.parameters(),
+                lr=config["lr"],
+                momentum=config["momentum"],
+                weight_decay=config["weight_decay"],  # the L2 penalty
+                fused=True,
+            )  # the same update rule in one kernel
             train_batches = run.batches(train_split, config["batch_size"], train=True)
             record = common.Record(run, name, config, validation=val_batches is not None)
             # what every checkpoint saves; with --resume, loaded from the last one
             start = record.resume(model, optimizer)
             for epoch in range(start, config["num_epochs"]):
-                torch.manual_seed(common.epoch_seed(args.seed, epoch, "draws"))  # a resume draws alike
+                # a resume draws alike
+                torch.manual_seed(common.epoch_seed(args.seed, epoch, "draws"))
                 meter = record.meter(epoch, train_batches.steps)
                 started = common.clock(run.device)
                 train(model, train_batches.epoch(epoch), criterion, optimizer, meter)
@@ -106,9 +117,12 @@ def main(argv=None):
                     "train_eval_accuracy": common.evaluate(model, train_eval_batches),
                     "test_accuracy": common.evaluate(model, test_batches),
                 }
-                if val_batches:  # recorded beside the test accuracy: error_bars.py picks an epoch by it
+                # recorded beside the test accuracy: error_bars.py picks an epoch by it
+                if val_batches:
                     accuracies["val_accuracy"] = common.evaluate(model, val_batches)
-                if not record.add_epoch(meter, ended - timed_from, timed_from - started, **accuracies):
+                if not record.add_epoch(
+                    meter, ended - timed_from, timed_from - started, **accuracies
+                ):
                     break  # diverged
             if record.status == "running":  # every epoch trained
                 record.finish(test_batches, weight_norm=round(weight_norm(model), 3))

@@ -1,25 +1,26 @@
-"""The tutorial LeNet on every visible GPU with nn.DataParallel: the report's ten configs, each one timed.
+"""The tutorial LeNet on every visible GPU with nn.DataParallel: the report's ten configs, each one
+timed.
 
 (The report timed configs 4-10; this script times all ten.)
 
-One process drives all visible GPUs: nn.DataParallel splits every batch across them, runs a replica of
-the model on each and gathers the outputs (on one GPU or the CPU the model runs unwrapped). It trains in
-fp32, the report's precision (with PyTorch's defaults, cuDNN may use TF32 for convolutions on Ampere and
-newer GPUs). The whole dataset sits on the device, so no DataLoader work is timed. Every config's
-training time is the sum of its epochs' training steps, timed after waiting for the GPUs (common.clock);
-evaluation and the first steps' warm-up are left out. test_accuracy.png overlays the test accuracy of
-every config of a run.
+One process drives all visible GPUs: nn.DataParallel splits every batch across them, runs a replica
+of the model on each and gathers the outputs (on one GPU or the CPU the model runs unwrapped). It
+trains in fp32, the report's precision (with PyTorch's defaults, cuDNN may use TF32 for convolutions
+on Ampere and newer GPUs). The whole dataset sits on the device, so no DataLoader work is timed.
+Every config's training time is the sum of its epochs' training steps, timed after waiting for the
+GPUs (common.clock); evaluation and the first steps' warm-up are left out. test_accuracy.png
+overlays the test accuracy of every config of a run.
 
     python lenet_multigpu.py --configs 3       # the report's best: 200 epochs, 65.75%
-    python lenet_multigpu.py                   # all ten configs, outputs in modelset/lenet_multigpu/
-    python lenet_multigpu.py --list-configs
+    python lenet_multigpu.py                   # all ten configs, outputs in
+    modelset/lenet_multigpu/ python lenet_multigpu.py --list-configs
 
 The report (4x A100): configs 1-3 reached 47.63 / 60.25 / 65.75%; configs 4-10 reached 62.00, 62.50,
-64.99, 63.11, 56.45, 59.44, 58.02% in 263.94, 181.47, 259.07, 180.19, 260.93, 181.00, 163.23 s (REPORTED
-below; the summary prints ours beside them). Aim on one H100: 20 s or less per 50-epoch config, not yet
-measured (no GPU has been lent to this repository). Measured on the full CIFAR-10 (a JPEG copy) on a
-2-core CPU, torch 2.14.1, one thread, two runs at a time (modelset/reference/lenet_multigpu/; README.md
-has the whole table and what it shows):
+64.99, 63.11, 56.45, 59.44, 58.02% in 263.94, 181.47, 259.07, 180.19, 260.93, 181.00, 163.23 s
+(REPORTED below; the summary prints ours beside them). Aim on one H100: 20 s or less per 50-epoch
+config, not yet measured (no GPU has been lent to this repository). Measured on the full CIFAR-10 (a
+JPEG copy) on a 2-core CPU, torch 2.14.1, one thread, two runs at a time
+(modelset/reference/lenet_multigpu/; README.md has the whole table and what it shows):
 
     config | report | ours   | training time
     1      | 47.63% | 46.61% | 462 s
@@ -59,9 +60,14 @@ CONFIGS = [
     dict(num_epochs=50, lr=0.01, momentum=0.9, batch_size=64),
     dict(num_epochs=50, lr=0.01, momentum=0.9, batch_size=512),
 ]
-# The report's test accuracy per config and, for configs 4-10, its training seconds (4x A100, DataParallel).
-REPORTED = {f"config_{number}": dict(test_accuracy=accuracy) for number, accuracy in
-            enumerate([47.63, 60.25, 65.75, 62.00, 62.50, 64.99, 63.11, 56.45, 59.44, 58.02], 1)}
+# The report's test accuracy per config and, for configs 4-10, its training seconds (4x A100,
+# DataParallel).
+REPORTED = {
+    f"config_{number}": dict(test_accuracy=accuracy)
+    for number, accuracy in enumerate(
+        [47.63, 60.25, 65.75, 62.00, 62.50, 64.99, 63.11, 56.45, 59.44, 58.02], 1
+    )
+}
 for number, seconds in zip(range(4, 11), [263.94, 181.47, 259.07, 180.19, 260.93, 181.00, 163.23]):
     REPORTED[f"config_{number}"].update(train_seconds=seconds, device="4x A100")
 
@@ -92,18 +98,22 @@ def main(argv=None):
             torch.manual_seed(args.seed)  # the initial weights
             model = Net().to(run.device)  # fp32, as the report
             if run.gpu_count > 1:
-                model = nn.DataParallel(model)  # one process splits every batch over all visible GPUs
-            if args.compile:  # on a GPU with CUDA graphs: a step's ~70 small kernels launched as one
+                # one process splits every batch over all visible GPUs
+                model = nn.DataParallel(model)
+            # on a GPU with CUDA graphs: a step's ~70 small kernels launched as one
+            if args.compile:
                 model = torch.compile(model, mode=common.lenet_compile_mode(run.device))
             criterion = nn.CrossEntropyLoss()
-            optimizer = optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
-                                  fused=True)  # the same update rule in one kernel
+            optimizer = optim.SGD(
+                model.parameters(), lr=config["lr"], momentum=config["momentum"], fused=True
+            )  # the same update rule in one kernel
             train_batches = run.batches(data.train, config["batch_size"], train=True)
             record = common.Record(run, name, config, reported=REPORTED.get(name))
             # what every checkpoint saves; with --resume, loaded from the last one
             start = record.resume(model, optimizer)
             for epoch in range(start, config["num_epochs"]):
-                torch.manual_seed(common.epoch_seed(args.seed, epoch, "draws"))  # a resume draws alike
+                # a resume draws alike
+                torch.manual_seed(common.epoch_seed(args.seed, epoch, "draws"))
                 meter = record.meter(epoch, train_batches.steps)
                 started = common.clock(run.device)  # waits for the GPUs: the time is this epoch's
                 train(model, train_batches.epoch(epoch), criterion, optimizer, meter)
@@ -112,8 +122,9 @@ def main(argv=None):
                 timed_from = started if meter.warmup_end is None else meter.warmup_end
                 model.eval()
                 test_accuracy = common.evaluate(model, test_batches)
-                if not record.add_epoch(meter, ended - timed_from, timed_from - started,
-                                        test_accuracy=test_accuracy):
+                if not record.add_epoch(
+                    meter, ended - timed_from, timed_from - started, test_accuracy=test_accuracy
+                ):
                     break  # diverged
             if record.status == "running":  # every epoch trained
                 record.finish(test_batches)

@@ -1,42 +1,45 @@
-"""ResNet-18 for CIFAR-10: the report's four configs, then a modern recipe that aims at 94% in 25 epochs.
+"""ResNet-18 for CIFAR-10: the report's four configs, then a modern recipe that aims at 94% in 25
+epochs.
 
 The network (He et al., 2016, "Deep Residual Learning") in its common CIFAR form: a 3x3 stem of 64
-channels and no max-pool, then torchvision's resnet18 body (BasicBlocks [2, 2, 2, 2] at 64-128-256-512
-channels, 1x1 projection shortcuts, global average pooling, a linear head): 11,173,962 parameters. The
-layers carry torchvision's names, so a saved model.pth loads into
+channels and no max-pool, then torchvision's resnet18 body (BasicBlocks [2, 2, 2, 2] at
+64-128-256-512 channels, 1x1 projection shortcuts, global average pooling, a linear head):
+11,173,962 parameters. The layers carry torchvision's names, so a saved model.pth loads into
 torchvision.models.resnet18(num_classes=10) once its stem is the CIFAR one (README.md shows how).
 
-Which network the report trained is not certain. It says "an 18-layer simplified ResNet" and cites the
-Dive into Deep Learning chapter on modern CNNs, whose ResNet-18 has a 7x7 stride-2 stem and a max-pool,
-as torchvision's has: on a 32x32 image that form computes 74 million floating-point operations against
-1,111 million here (15 times fewer; torch.utils.flop_counter). The same book's resnet18 for its
-multi-GPU and Kaggle CIFAR-10 chapters is the 3x3-stem form without max-pool used here. Which of the
-two the report's 86.09-89.56% fits is not measured yet.
+Which network the report trained is not certain. It says "an 18-layer simplified ResNet" and cites
+the Dive into Deep Learning chapter on modern CNNs, whose ResNet-18 has a 7x7 stride-2 stem and a
+max-pool, as torchvision's has: on a 32x32 image that form computes 74 million floating-point
+operations against 1,111 million here (15 times fewer; torch.utils.flop_counter). The same book's
+resnet18 for its multi-GPU and Kaggle CIFAR-10 chapters is the 3x3-stem form without max-pool used
+here. Which of the two the report's 86.09-89.56% fits is not measured yet.
 
 Precision (compute_dtype below): bf16 autocast with channels_last where the device computes bf16
 natively (GPUs from Ampere on; CPUs with AVX512-BF16 or AMX, where it trains about twice as fast as
-fp32), fp16 autocast with a GradScaler on older GPUs (a T4, a V100), fp32 on other CPUs; results.json
-records it ("precision"). Autocast is entered inside forward, so that every nn.DataParallel replica
-computes in it too. Several visible GPUs get nn.DataParallel: BatchNorm then normalizes each GPU's
-share of a batch and keeps GPU 0's running statistics, and the replicas run without channels_last, so
-figures on several GPUs differ from one GPU's. --compile adds torch.compile on one GPU. The data stays
-on the device, and augment() below crops and flips every image of a batch differently there.
+fp32), fp16 autocast with a GradScaler on older GPUs (a T4, a V100), fp32 on other CPUs;
+results.json records it ("precision"). Autocast is entered inside forward, so that every
+nn.DataParallel replica computes in it too. Several visible GPUs get nn.DataParallel: BatchNorm then
+normalizes each GPU's share of a batch and keeps GPU 0's running statistics, and the replicas run
+without channels_last, so figures on several GPUs differ from one GPU's. --compile adds
+torch.compile on one GPU. The data stays on the device, and augment() below crops and flips every
+image of a batch differently there.
 
 Configs 1-4 are the report's (plain SGD, constant lr); config 5 is a modern short recipe (Nesterov,
 weight decay, label smoothing, warm-up then linear decay, batch 512); config 6 is config 5 with a
-cosine schedule, tuned on a 10% validation split so that the test set is evaluated once; config 7 has
-the StepLR(20 epochs, x0.5) schedule of other course reports. get_lr() below has every schedule. The
-flip test-time-augmentation accuracy is reported apart, never as the headline figure.
+cosine schedule, tuned on a 10% validation split so that the test set is evaluated once; config 7
+has the StepLR(20 epochs, x0.5) schedule of other course reports. get_lr() below has every schedule.
+The flip test-time-augmentation accuracy is reported apart, never as the headline figure.
 
-    python resnet18.py --configs 5             # the modern recipe (a GPU is picked when there is one)
-    python resnet18.py --configs 4             # the report's best
-    python benchmarks/resnet18_speed.py        # training and evaluation images/s on the device at hand
+    python resnet18.py --configs 5             # the modern recipe (a GPU is picked when there is
+    one) python resnet18.py --configs 4             # the report's best
+    python benchmarks/resnet18_speed.py        # training and evaluation images/s on the device at
+    hand
 
-The report (one A100): 86.09, 88.59, 88.40, 89.56% for configs 1-4 in 186.00, 300.44, 298.37, 305.84 s
-of training (REPORTED below; the summary prints ours beside them). Aim for config 5: 94% or more in 25
-epochs and 30 s of training on one H100. None of these is measured yet: no GPU has been lent to this
-repository, and on a 2-core CPU a 25-epoch config trains for hours (the script says how many once its
-first steps are timed; docs/DEVELOPING.md has the measured speeds).
+The report (one A100): 86.09, 88.59, 88.40, 89.56% for configs 1-4 in 186.00, 300.44, 298.37, 305.84
+s of training (REPORTED below; the summary prints ours beside them). Aim for config 5: 94% or more
+in 25 epochs and 30 s of training on one H100. None of these is measured yet: no GPU has been lent
+to this repository, and on a 2-core CPU a 25-epoch config trains for hours (the script says how many
+once its first steps are timed; docs/DEVELOPING.md has the measured speeds).
 """
 
 import common  # first: a Ctrl-C while torch loads then ends in one line
@@ -51,15 +54,31 @@ import torch.optim as optim
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
-# The report gave epochs, lr and momentum only. Our choice for the rest: batch size 128, random crop and
-# flip, a constant learning rate, no weight decay, no label smoothing: plain SGD as reported.
-REPORT = dict(batch_size=128, augment=True, schedule="constant", warmup_epochs=0, nesterov=False,
-              weight_decay=0.0, label_smoothing=0.0, val_fraction=0.0)
-# Large batch, Nesterov momentum, weight decay, label smoothing, 2 warm-up epochs then a linear decay to
-# zero (the one-cycle shape): the usual short-schedule recipe for this network. The peak lr 0.4 is the
-# common 0.1 per 128 images scaled linearly to the batch of 512.
-MODERN = dict(batch_size=512, augment=True, schedule="linear", warmup_epochs=2, nesterov=True,
-              weight_decay=5e-4, label_smoothing=0.1, val_fraction=0.0)
+# The report gave epochs, lr and momentum only. Our choice for the rest: batch size 128, random crop
+# and flip, a constant learning rate, no weight decay, no label smoothing: plain SGD as reported.
+REPORT = dict(
+    batch_size=128,
+    augment=True,
+    schedule="constant",
+    warmup_epochs=0,
+    nesterov=False,
+    weight_decay=0.0,
+    label_smoothing=0.0,
+    val_fraction=0.0,
+)
+# Large batch, Nesterov momentum, weight decay, label smoothing, 2 warm-up epochs then a linear
+# decay to zero (the one-cycle shape): the usual short-schedule recipe for this network. The peak lr
+# 0.4 is the common 0.1 per 128 images scaled linearly to the batch of 512.
+MODERN = dict(
+    batch_size=512,
+    augment=True,
+    schedule="linear",
+    warmup_epochs=2,
+    nesterov=True,
+    weight_decay=5e-4,
+    label_smoothing=0.1,
+    val_fraction=0.0,
+)
 CONFIGS = [
     # 1-4: the report's
     dict(num_epochs=15, lr=0.01, momentum=0.95, **REPORT),
@@ -70,16 +89,25 @@ CONFIGS = [
     # tuning without the test set: 10% of the training images held out, cosine schedule
     dict(num_epochs=25, lr=0.4, momentum=0.9, **MODERN) | dict(schedule="cosine", val_fraction=0.1),
     # the schedule of other course reports: StepLR(step_size=20 epochs, gamma=0.5)
-    dict(num_epochs=40, lr=0.01, momentum=0.9, **REPORT) | dict(schedule="step", step_epochs=20, gamma=0.5),
+    dict(num_epochs=40, lr=0.01, momentum=0.9, **REPORT)
+    | dict(schedule="step", step_epochs=20, gamma=0.5),
 ]
-# The report's test accuracy and training seconds (one A100) per config, printed and saved beside ours.
-REPORTED = {f"config_{number}": dict(test_accuracy=accuracy, train_seconds=seconds, device="one A100")
-            for number, accuracy, seconds in [(1, 86.09, 186.00), (2, 88.59, 300.44), (3, 88.40, 298.37),
-                                              (4, 89.56, 305.84)]}
+# The report's test accuracy and training seconds (one A100) per config, printed and saved beside
+# ours.
+REPORTED = {
+    f"config_{number}": dict(test_accuracy=accuracy, train_seconds=seconds, device="one A100")
+    for number, accuracy, seconds in [
+        (1, 86.09, 186.00),
+        (2, 88.59, 300.44),
+        (3, 88.40, 298.37),
+        (4, 89.56, 305.84),
+    ]
+}
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with batch norm; the shortcut is a 1x1 projection when the shape changes."""
+    """Two 3x3 convolutions with batch norm; the shortcut is a 1x1 projection when the shape
+    changes."""
 
     def __init__(self, in_channels, channels, stride):
         super().__init__()
@@ -89,8 +117,10 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(channels)
         self.downsample = None
         if stride != 1 or in_channels != channels:
-            self.downsample = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False),
-                                            nn.BatchNorm2d(channels))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(channels),
+            )
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -99,7 +129,8 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """ResNet-18 for 32x32 images: a 3x3 stem, no max-pool, four stages of two BasicBlocks (torchvision's names)."""
+    """ResNet-18 for 32x32 images: a 3x3 stem, no max-pool, four stages of two BasicBlocks
+    (torchvision's names)."""
 
     def __init__(self, num_classes=10, compute_dtype=torch.float32):
         super().__init__()
@@ -123,10 +154,11 @@ class ResNet18(nn.Module):
 
 
 def compute_dtype(device):
-    """The dtype the network computes in on `device`: bf16 where the device computes it natively (a GPU
-    from Ampere on; a CPU with AVX512-BF16 or AMX: about twice fp32's speed on a 2-core AVX512-BF16 CPU,
-    docs/DEVELOPING.md). Else fp16 on a GPU (a T4 or V100: cuDNN has no bf16 convolutions below
-    compute capability 8.0), trained with a GradScaler; and fp32 on a CPU without those instructions,
+    """The dtype the network computes in on `device`: bf16 where the device computes it natively (a
+    GPU from Ampere on; a CPU with AVX512-BF16 or AMX: about twice fp32's speed on a 2-core
+    AVX512-BF16 CPU, docs/DEVELOPING.md). Else fp16 on a GPU (a T4 or V100: cuDNN has no bf16
+    convolutions below compute capability 8.0), trained with a GradScaler; and fp32 on a CPU without
+    those instructions,
     which would emulate bf16 (reported slower than fp32 on such laptops; not measured here)."""
     if device.type == "cuda":
         native = torch.cuda.is_bf16_supported(including_emulation=False)
@@ -137,22 +169,30 @@ def compute_dtype(device):
 
 
 def augment(images):
-    """A random crop of every image after 4-pixel reflect padding, and a horizontal flip of half of them, drawn
+    """A random crop of every image after 4-pixel reflect padding, and a horizontal flip of half of
+    them, drawn
     per image on the device from the global RNG (which common.Record.epochs seeds every epoch)."""
-    count, size, device = len(images), images.shape[-1], images.device
+    count = len(images)
+    size = images.shape[-1]
+    device = images.device
     padded = F.pad(images, (4, 4, 4, 4), mode="reflect")
     top = torch.randint(0, 9, (count, 1), device=device)
     left = torch.randint(0, 9, (count, 1), device=device)
     steps = torch.arange(size, device=device)
-    rows, columns = (top + steps)[:, :, None], (left + steps)[:, None, :]
-    # indexing gives (count, size, size, channels): permuted back, it is already the channels_last layout
-    crops = padded[torch.arange(count, device=device)[:, None, None], :, rows, columns].permute(0, 3, 1, 2)
+    rows = (top + steps)[:, :, None]
+    columns = (left + steps)[:, None, :]
+    # indexing gives (count, size, size, channels): permuted back, it is already the channels_last
+    # layout
+    crops = padded[torch.arange(count, device=device)[:, None, None], :, rows, columns].permute(
+        0, 3, 1, 2
+    )
     flip = torch.rand(count, device=device) < 0.5
     return torch.where(flip[:, None, None, None], crops.flip(3), crops)
 
 
 def build_model(device):
-    """ResNet18 on `device`, computing in compute_dtype(device); channels_last for bf16 and fp16, the
+    """ResNet18 on `device`, computing in compute_dtype(device); channels_last for bf16 and fp16,
+    the
     layout their convolutions run fastest in."""
     dtype = compute_dtype(device)
     model = ResNet18(compute_dtype=dtype).to(device)
@@ -163,13 +203,17 @@ def build_model(device):
 
 def precision_name(dtype):
     """How results.json names the precision of a network computing in `dtype`."""
-    names = {torch.bfloat16: "bf16 autocast, channels_last",
-             torch.float16: "fp16 autocast with a GradScaler, channels_last", torch.float32: "fp32"}
+    names = {
+        torch.bfloat16: "bf16 autocast, channels_last",
+        torch.float16: "fp16 autocast with a GradScaler, channels_last",
+        torch.float32: "fp32",
+    }
     return names[dtype]
 
 
 def get_lr(step, config, steps_per_epoch):
-    """The learning rate of optimizer step `step` (0-based): the config's lr times its schedule's factor."""
+    """The learning rate of optimizer step `step` (0-based): the config's lr times its schedule's
+    factor."""
     warmup_steps = round(config["warmup_epochs"] * steps_per_epoch)
     # 1) linear warm-up: from lr / warmup_steps up to lr
     if step < warmup_steps:
@@ -180,7 +224,8 @@ def get_lr(step, config, steps_per_epoch):
     # 3) step: x gamma every step_epochs epochs, as torch's StepLR stepped once an epoch
     if config["schedule"] == "step":
         return config["lr"] * config["gamma"] ** (step // (config["step_epochs"] * steps_per_epoch))
-    # 4) linear (the one-cycle shape) or cosine: from lr after the warm-up down to 0 at the last step
+    # 4) linear (the one-cycle shape) or cosine: from lr after the warm-up down to 0 at the last
+    # step
     progress = (step - warmup_steps) / max(1, config["num_epochs"] * steps_per_epoch - warmup_steps)
     if config["schedule"] == "linear":
         return config["lr"] * max(0.0, 1 - progress)
@@ -191,7 +236,8 @@ def get_lr(step, config, steps_per_epoch):
 
 @torch.no_grad()
 def flip_tta_accuracy(model, batches):
-    """Test accuracy in percent when each prediction averages an image and its mirror image (test-time
+    """Test accuracy in percent when each prediction averages an image and its mirror image
+    (test-time
     augmentation); reported apart from the headline accuracy."""
     correct = 0
     for images, labels in batches:
@@ -212,8 +258,10 @@ def train(model, batches, criterion, optimizer, scaler, meter, config, first_ste
         optimizer.zero_grad()
         outputs = model(images)  # in compute_dtype(device)
         loss = criterion(outputs, labels)
-        scaler.scale(loss).backward()  # fp16: the loss scaled up, so that small gradients do not vanish
-        scaler.step(optimizer)  # fp16: the gradients unscaled; a step with inf or NaN in them is skipped
+        # fp16: the loss scaled up, so that small gradients do not vanish
+        scaler.scale(loss).backward()
+        # fp16: the gradients unscaled; a step with inf or NaN in them is skipped
+        scaler.step(optimizer)
         scaler.update()
         meter.add(loss, outputs, labels)  # running loss and accuracy, summed on the device
 
@@ -227,11 +275,14 @@ def main(argv=None):
     # the short run a long CPU run suggests: 5 epochs of the report's config 1 on 5,000 images
     short_run = "--configs 1 --subset 5000 --epochs 5"
     # the with block: Ctrl-C or a kill marks the config interrupted and prints how to resume it
-    with common.Run(__file__, args, CIFAR10_MEAN, CIFAR10_STD, short_run, data_parallel=True) as run:
+    with common.Run(
+        __file__, args, CIFAR10_MEAN, CIFAR10_STD, short_run, data_parallel=True
+    ) as run:
         data = run.load_data()
         test_batches = run.batches(data.test, 1000)
         for name, config in run.configs(CONFIGS):
-            # tuning (val_fraction): the last training images held out; the test set once, at the end
+            # tuning (val_fraction): the last training images held out; the test set once, at the
+            # end
             train_split, val_split = common.hold_out(data.train, config["val_fraction"])
             val_batches = run.batches(val_split, 1000) if val_split else None
             train_batches = run.batches(train_split, config["batch_size"], train=True)
@@ -239,14 +290,26 @@ def main(argv=None):
             model = build_model(run.device)  # bf16 (or fp16) and channels_last where native
             dtype = model.compute_dtype
             if run.gpu_count > 1:
-                model = nn.DataParallel(model)  # one process splits every batch over all visible GPUs
+                # one process splits every batch over all visible GPUs
+                model = nn.DataParallel(model)
             model = torch.compile(model) if args.compile else model
             criterion = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
-            optimizer = optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
-                                  nesterov=config["nesterov"], weight_decay=config["weight_decay"])
+            optimizer = optim.SGD(
+                model.parameters(),
+                lr=config["lr"],
+                momentum=config["momentum"],
+                nesterov=config["nesterov"],
+                weight_decay=config["weight_decay"],
+            )
             scaler = torch.amp.GradScaler(run.device.type, enabled=dtype == torch.float16)
-            record = common.Record(run, name, config, validation=val_batches is not None,
-                                   reported=REPORTED.get(name), precision=precision_name(dtype))
+            record = common.Record(
+                run,
+                name,
+                config,
+                validation=val_batches is not None,
+                reported=REPORTED.get(name),
+                precision=precision_name(dtype),
+            )
             # what every checkpoint saves (for fp16 the scaler's state too); with --resume, loaded
             # from the last one
             scaler_state = {"grad_scaler": scaler} if scaler.is_enabled() else {}
@@ -256,8 +319,17 @@ def main(argv=None):
                 torch.manual_seed(common.epoch_seed(args.seed, epoch, "draws"))  # crops and flips
                 meter = record.meter(epoch, steps)
                 started = common.clock(run.device)  # waits for the GPU: the time is this epoch's
-                train(model, train_batches.epoch(epoch), criterion, optimizer, scaler, meter, config,
-                      epoch * steps, steps)
+                train(
+                    model,
+                    train_batches.epoch(epoch),
+                    criterion,
+                    optimizer,
+                    scaler,
+                    meter,
+                    config,
+                    epoch * steps,
+                    steps,
+                )
                 ended = common.clock(run.device)
                 # the training time: from the end of a process's first 3 steps (warm-up), if any
                 timed_from = started if meter.warmup_end is None else meter.warmup_end
@@ -266,7 +338,9 @@ def main(argv=None):
                     accuracies = {"val_accuracy": common.evaluate(model, val_batches)}
                 else:
                     accuracies = {"test_accuracy": common.evaluate(model, test_batches)}
-                if not record.add_epoch(meter, ended - timed_from, timed_from - started, **accuracies):
+                if not record.add_epoch(
+                    meter, ended - timed_from, timed_from - started, **accuracies
+                ):
                     break  # diverged
             if record.status == "running":  # every epoch trained
                 tta = round(flip_tta_accuracy(model.eval(), test_batches), 2)

@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+
 ACCURACY = re.compile(r"Accuracy of the network on the \d+ test images: ([\d.]+) %")
 
 
@@ -40,7 +41,8 @@ def timed_run(command):
 
 
 def write_full_size(source, target):
-    """Copies a CIFAR-10 folder, repeating its images up to 10,000 per batch file (pickle layout kept)."""
+    """Copies a CIFAR-10 folder, repeating its images up to 10,000 per batch file (pickle layout
+    kept)."""
     data = common.load_cifar10(source)
     target.mkdir(parents=True)
     for name, split in [(n, data.train) for n in common.FILES[:5]] + [(common.FILES[5], data.test)]:
@@ -55,12 +57,19 @@ def write_full_size(source, target):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--data-dir", default="./data", help="folder holding cifar-10-batches-py")
     parser.add_argument("--epochs", type=int, default=2, help="training epochs of each run")
-    parser.add_argument("--runs", type=int, default=1, help="runs of each program; the fastest counts")
-    parser.add_argument("--full-size", action="store_true",
-                        help="repeat the images up to 50,000 training and 10,000 test images")
+    parser.add_argument(
+        "--runs", type=int, default=1, help="runs of each program; the fastest counts"
+    )
+    parser.add_argument(
+        "--full-size",
+        action="store_true",
+        help="repeat the images up to 50,000 training and 10,000 test images",
+    )
     args = parser.parse_args()
     data_dir = str(Path(args.data_dir).resolve())
     with tempfile.TemporaryDirectory() as out_dir:
@@ -68,16 +77,36 @@ def main():
             data_dir = str(Path(out_dir) / "full-size")
             write_full_size(args.data_dir, Path(data_dir) / common.FOLDER)
         programs = {
-            "tutorial DataLoader loop": [sys.executable, "benchmarks/tutorial_lenet.py", "--data-dir", data_dir,
-                                         "--epochs", str(args.epochs)],
-            "lenet_cpu.py": [sys.executable, "lenet_cpu.py", "--data-dir", data_dir, "--epochs", str(args.epochs),
-                             "--out-dir", str(Path(out_dir) / "out")],
+            "tutorial DataLoader loop": [
+                sys.executable,
+                "benchmarks/tutorial_lenet.py",
+                "--data-dir",
+                data_dir,
+                "--epochs",
+                str(args.epochs),
+            ],
+            "lenet_cpu.py": [
+                sys.executable,
+                "lenet_cpu.py",
+                "--data-dir",
+                data_dir,
+                "--epochs",
+                str(args.epochs),
+                "--out-dir",
+                str(Path(out_dir) / "out"),
+            ],
         }
-        results = {name: min(timed_run(command) for _ in range(args.runs)) for name, command in programs.items()}
+        results = {
+            name: min(timed_run(command) for _ in range(args.runs))
+            for name, command in programs.items()
+        }
     (slow, slow_accuracy), (fast, fast_accuracy) = results.values()
     for name, (seconds, accuracy) in results.items():
         print(f"{name:26s} {seconds:7.2f} s wall   test accuracy {accuracy:.2f}%")
-    print(f"speed-up: {slow / fast:.2f}x   accuracy difference: {fast_accuracy - slow_accuracy:+.2f} points")
+    print(
+        f"speed-up: {slow / fast:.2f}x   "
+        f"accuracy difference: {fast_accuracy - slow_accuracy:+.2f} points"
+    )
 
 
 if __name__ == "__main__":

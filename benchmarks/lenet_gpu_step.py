@@ -1,11 +1,12 @@
 """Milliseconds per LeNet training step on one GPU: eager, then compiled with CUDA graphs.
 
-A LeNet step on a batch of 32 is some 70 small kernels, each too short to keep a GPU busy, so its time
-is mostly launch overhead: lenet_multigpu.py's config 4 (78,100 steps of 32 images) would take about as
-long as 78,100 launches of all those kernels. `--compile` in the LeNet scripts uses torch.compile's
-"reduce-overhead" mode, which captures the step's forward and backward as CUDA graphs replayed with
-one launch each. This times lenet_multigpu.train (the script's own step, fused SGD) both ways, its
-first steps (compilation, graph capture) apart, and prints the 50-epoch time each implies.
+A LeNet step on a batch of 32 is some 70 small kernels, each too short to keep a GPU busy, so its
+time is mostly launch overhead: lenet_multigpu.py's config 4 (78,100 steps of 32 images) would take
+about as long as 78,100 launches of all those kernels. `--compile` in the LeNet scripts uses
+torch.compile's "reduce-overhead" mode, which captures the step's forward and backward as CUDA
+graphs replayed with one launch each. This times lenet_multigpu.train (the script's own step, fused
+SGD) both ways, its first steps (compilation, graph capture) apart, and prints the 50-epoch time
+each implies.
 
     python benchmarks/lenet_gpu_step.py                    # batch 32, as configs 4, 6 and 8
     python benchmarks/lenet_gpu_step.py --batch-size 512   # as configs 1-3 and 10
@@ -32,8 +33,10 @@ EPOCHS = 50
 
 def milliseconds_per_step(device, batch_size, steps, compiled):
     """(first 3 steps' seconds, steady ms per step) of lenet_multigpu.train on random images."""
-    split = common.Split(torch.randint(0, 256, (batch_size * steps, 3, 32, 32), dtype=torch.uint8),
-                         torch.randint(0, 10, (batch_size * steps,)))
+    split = common.Split(
+        torch.randint(0, 256, (batch_size * steps, 3, 32, 32), dtype=torch.uint8),
+        torch.randint(0, 10, (batch_size * steps,)),
+    )
     batches = common.Batches(split, batch_size, device, (0.5,) * 3, (0.5,) * 3)
     model = lenet_multigpu.Net().to(device)
     if compiled:
@@ -50,22 +53,38 @@ def milliseconds_per_step(device, batch_size, steps, compiled):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: auto)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: auto)"
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
-    parser.add_argument("--steps", type=int, default=2000, help="timed steps per mode (default: 2000)")
+    parser.add_argument(
+        "--steps", type=int, default=2000, help="timed steps per mode (default: 2000)"
+    )
     args = parser.parse_args()
     device = common.pick_device(args)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, threads: {torch.get_num_threads()}"
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu, threads: {torch.get_num_threads()}"
+    )
     steps_per_run = EPOCHS * (TRAINING_IMAGES // args.batch_size)
     print(f"device: {name}, batch size {args.batch_size}, torch {torch.__version__}")
     results = {}
     for compiled in (False, True):
         mode = f"compile ({common.lenet_compile_mode(device)})" if compiled else "eager"
-        warmup_seconds, milliseconds = milliseconds_per_step(device, args.batch_size, args.steps, compiled)
+        warmup_seconds, milliseconds = milliseconds_per_step(
+            device, args.batch_size, args.steps, compiled
+        )
         results[compiled] = milliseconds
-        print(f"{mode}: {milliseconds:.3f} ms per step ({warmup_seconds:.1f} s for the first 3 steps); "
-              f"{EPOCHS} epochs of {TRAINING_IMAGES:,} images: {milliseconds * steps_per_run / 1000:.1f} s")
+        print(
+            f"{mode}: {milliseconds:.3f} ms per step "
+            f"({warmup_seconds:.1f} s for the first 3 steps); "
+            f"{EPOCHS} epochs of {TRAINING_IMAGES:,} images: "
+            f"{milliseconds * steps_per_run / 1000:.1f} s"
+        )
     print(f"eager / compiled: {results[False] / results[True]:.2f}x")
 
 

@@ -1,10 +1,11 @@
-"""The PyTorch CIFAR-10 tutorial's training loop, as published: the baseline lenet_cpu.py is timed against.
+"""The PyTorch CIFAR-10 tutorial's training loop, as published: the baseline lenet_cpu.py is timed
+against.
 
-Per-image PIL images with ToTensor + Normalize, a DataLoader with batch size 4 and 2 workers, SGD lr 0.001
-momentum 0.9, the running loss every 2000 batches, then the test accuracy. The model is lenet_cpu.Net, the
-same network. The images come from common.load_cifar10, which reads the files without running code from
-them; each item then goes through what torchvision's CIFAR10 dataset does per image (Image.fromarray, then
-the transform). Run by benchmarks/lenet_cpu_speed.py:
+Per-image PIL images with ToTensor + Normalize, a DataLoader with batch size 4 and 2 workers, SGD lr
+0.001 momentum 0.9, the running loss every 2000 batches, then the test accuracy. The model is
+lenet_cpu.Net, the same network. The images come from common.load_cifar10, which reads the files
+without running code from them; each item then goes through what torchvision's CIFAR10 dataset does
+per image (Image.fromarray, then the transform). Run by benchmarks/lenet_cpu_speed.py:
 
     python benchmarks/tutorial_lenet.py --data-dir ./data --epochs 2
 """
@@ -25,11 +26,14 @@ from lenet_cpu import Net  # noqa: E402  (the same network as the script under t
 
 
 class CIFAR10Images(torch.utils.data.Dataset):
-    """One split as torchvision's CIFAR10 serves it: a PIL image through the transform, and the label."""
+    """One split as torchvision's CIFAR10 serves it: a PIL image through the transform, and the
+    label."""
 
     def __init__(self, split, transform):
-        self.images = split.images.permute(0, 2, 3, 1).numpy()  # height, width, channels: as PIL wants them
-        self.labels, self.transform = split.labels.tolist(), transform
+        # height, width, channels: as PIL wants them
+        self.images = split.images.permute(0, 2, 3, 1).numpy()
+        self.labels = split.labels.tolist()
+        self.transform = transform
 
     def __len__(self):
         return len(self.labels)
@@ -39,7 +43,9 @@ class CIFAR10Images(torch.utils.data.Dataset):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data-dir", default="./data", help="folder holding cifar-10-batches-py")
     parser.add_argument("--epochs", type=int, default=2, help="training epochs")
     parser.add_argument("--seed", type=int, default=1, help="random seed")
@@ -47,11 +53,15 @@ def main():
     torch.manual_seed(args.seed)
 
     data = common.load_cifar10(args.data_dir)
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
-    trainloader = torch.utils.data.DataLoader(CIFAR10Images(data.train, transform), batch_size=4, shuffle=True,
-                                              num_workers=2)
-    testloader = torch.utils.data.DataLoader(CIFAR10Images(data.test, transform), batch_size=4, shuffle=False,
-                                             num_workers=2)
+    transform = transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]
+    )
+    trainloader = torch.utils.data.DataLoader(
+        CIFAR10Images(data.train, transform), batch_size=4, shuffle=True, num_workers=2
+    )
+    testloader = torch.utils.data.DataLoader(
+        CIFAR10Images(data.test, transform), batch_size=4, shuffle=False, num_workers=2
+    )
 
     net = Net()
     criterion = nn.CrossEntropyLoss()

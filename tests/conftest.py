@@ -22,41 +22,70 @@ def class_images(labels, rng):
     for index, label in enumerate(labels):
         images[index, label % 3] += 120
         row, column = divmod(int(label), 4)
-        images[index, :, 8 * row:8 * row + 8, 8 * column:8 * column + 8] += 70
+        images[index, :, 8 * row : 8 * row + 8, 8 * column : 8 * column + 8] += 70
     return images.clip(0, 255).astype(np.uint8)
 
 
 def write_cifar10(folder, per_batch=40, test_count=100, seed=0):
-    """Writes data_batch_1..5, test_batch and batches.meta with the official archive's names and keys.
+    """Writes data_batch_1..5, test_batch and batches.meta with the official archive's names and
+    keys.
 
     (The official files are Python 2 pickles; these are Python 3 ones, read the same way by
     common.load_cifar10 and by torchvision.)
     """
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    names = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]
+    names = [
+        "data_batch_1",
+        "data_batch_2",
+        "data_batch_3",
+        "data_batch_4",
+        "data_batch_5",
+        "test_batch",
+    ]
     for name in names:
         count = test_count if name == "test_batch" else per_batch
         labels = rng.integers(0, 10, size=count)
-        batch = {"batch_label": name, "labels": labels.tolist(), "data": class_images(labels, rng).reshape(count, -1),
-                 "filenames": [f"image_{i}.png" for i in range(count)]}
+        batch = {
+            "batch_label": name,
+            "labels": labels.tolist(),
+            "data": class_images(labels, rng).reshape(count, -1),
+            "filenames": [f"image_{i}.png" for i in range(count)],
+        }
         with open(folder / name, "wb") as file:
             pickle.dump(batch, file)
-    labels = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    labels = [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ]
     with open(folder / "batches.meta", "wb") as file:
-        pickle.dump({"num_cases_per_batch": per_batch, "label_names": labels, "num_vis": 3072}, file)
+        pickle.dump(
+            {"num_cases_per_batch": per_batch, "label_names": labels, "num_vis": 3072}, file
+        )
     return folder
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: over a second or two on a 2-core CPU; `pytest -m \"not slow\"` "
-                                       "leaves them out")
+    config.addinivalue_line(
+        "markers",
+        'slow: over a second or two on a 2-core CPU; `pytest -m "not slow"` leaves them out',
+    )
 
 
 @pytest.fixture(autouse=True, scope="session")
 def scripts_can_be_interrupted():
-    """A shell starts a background job (`pytest ... &`, nohup) with Ctrl-C ignored, and the scripts the tests
-    start would inherit that and ignore it too, as they should. Handled here, SIGINT reaches them as usual."""
+    """A shell starts a background job (`pytest ... &`, nohup) with Ctrl-C ignored, and the scripts
+    the tests
+    start would inherit that and ignore it too, as they should. Handled here, SIGINT reaches them as
+    usual."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
@@ -64,11 +93,13 @@ def scripts_can_be_interrupted():
 
 @pytest.fixture(autouse=True)
 def torch_settings_restored():
-    """lenet_cpu.main sets one thread and turns oneDNN off for its whole process, as a program may; the
+    """lenet_cpu.main sets one thread and turns oneDNN off for its whole process, as a program may;
+    the
     tests after it get the defaults back (ResNet-18 in bf16 without oneDNN is many times slower)."""
     import torch
 
-    threads, mkldnn = torch.get_num_threads(), torch.backends.mkldnn.enabled
+    threads = torch.get_num_threads()
+    mkldnn = torch.backends.mkldnn.enabled
     yield
     torch.set_num_threads(threads)
     torch.backends.mkldnn.enabled = mkldnn
@@ -92,11 +123,14 @@ def real_data_dir():
 
 
 def time_lenet_steps(monkeypatch, seconds_of_call):
-    """A clock for timing tests: time.perf_counter stands still except in lenet_cpu.Net's forward, whose n-th call
+    """A clock for timing tests: time.perf_counter stands still except in lenet_cpu.Net's forward,
+    whose n-th call
     (0-based, evaluation's too) moves it by seconds_of_call(n) seconds."""
     import lenet_cpu
 
-    now, calls, forward = [0.0], itertools.count(), lenet_cpu.Net.forward
+    now = [0.0]
+    calls = itertools.count()
+    forward = lenet_cpu.Net.forward
 
     def timed_forward(model, images):
         now[0] += seconds_of_call(next(calls))
@@ -107,16 +141,25 @@ def time_lenet_steps(monkeypatch, seconds_of_call):
 
 
 def new_run(script, arguments, data_parallel=False):
-    """common.Run of a script named `script` with parsed `arguments`, LeNet's normalization, no short run."""
+    """common.Run of a script named `script` with parsed `arguments`, LeNet's normalization, no
+    short run."""
     import common
 
-    return common.Run(script, arguments, (0.5,) * 3, (0.5,) * 3, short_run="", data_parallel=data_parallel)
+    return common.Run(
+        script, arguments, (0.5,) * 3, (0.5,) * 3, short_run="", data_parallel=data_parallel
+    )
 
 
 def run_script(*args, env=None):
     """Runs a script of the repository as a user would; returns the completed process."""
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600)
+    return subprocess.run(
+        [sys.executable, *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
 
 
 def interrupt_after_epochs(monkeypatch, epochs):

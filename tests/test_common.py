@@ -17,20 +17,26 @@ def test_loads_the_original_pickle_layout(data_dir):
     data = common.load_cifar10(data_dir)
     assert data.train.images.shape == (200, 3, 32, 32) and data.train.images.dtype == torch.uint8
     assert data.test.images.shape == (100, 3, 32, 32)
-    assert data.train.labels.dtype == torch.int64 and 0 <= data.train.labels.min() <= data.train.labels.max() <= 9
+    assert (
+        data.train.labels.dtype == torch.int64
+        and 0 <= data.train.labels.min() <= data.train.labels.max() <= 9
+    )
     inner = common.load_cifar10(data_dir / "cifar-10-batches-py")
     assert torch.equal(inner.test.images, data.test.images)
 
 
 def test_reads_the_original_python_2_pickles(tmp_path):
-    """The official files are protocol-2 pickles with bytes keys that name numpy.core's array rebuilder."""
+    """The official files are protocol-2 pickles with bytes keys that name numpy.core's array
+    rebuilder."""
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     labels = [3, 7] * 10
     for name in common.FILES:
         data = np.full((20, 3072), 9, dtype=np.uint8)
         payload = pickle.dumps({b"batch_label": b"x", b"labels": labels, b"data": data}, protocol=2)
-        (folder / name).write_bytes(payload.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+        (folder / name).write_bytes(
+            payload.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+        )
     data = common.load_cifar10(tmp_path)
     assert data.train.labels.tolist() == labels * 5 and int(data.test.images[0, 0, 0, 0]) == 9
 
@@ -66,13 +72,21 @@ def rewrite_batch(folder, name, **changes):
         pickle.dump({**batch, **changes}, file)
 
 
-@pytest.mark.parametrize("labels, fact", [(["cat"] * 40, "labels of type <U3"), ([None] * 40, "labels of type object"),
-                                          ([10] + [0] * 39, "a label is 10, outside 0-9"),
-                                          ([0] * 39, "39 labels .* for 40 images")])
+@pytest.mark.parametrize(
+    "labels, fact",
+    [
+        (["cat"] * 40, "labels of type <U3"),
+        ([None] * 40, "labels of type object"),
+        ([10] + [0] * 39, "a label is 10, outside 0-9"),
+        ([0] * 39, "39 labels .* for 40 images"),
+    ],
+)
 def test_labels_that_are_not_cifar10s_are_named(labels, fact, data_dir, tmp_path):
     folder = copy_of(data_dir, tmp_path)
     rewrite_batch(folder, "data_batch_4", labels=labels)
-    with pytest.raises(common.ExperimentError, match=f"data_batch_4 is not a CIFAR-10 batch: .*{fact}"):
+    with pytest.raises(
+        common.ExperimentError, match=f"data_batch_4 is not a CIFAR-10 batch: .*{fact}"
+    ):
         common.load_cifar10(tmp_path)
 
 
@@ -126,7 +140,9 @@ def test_failed_download_says_where_to_put_the_data(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", offline)
     with pytest.raises(common.ExperimentError) as error:
         common.load_cifar10(tmp_path / "data")
-    assert "cifar-10-python.tar.gz" in str(error.value) and str(tmp_path / "data") in str(error.value)
+    assert "cifar-10-python.tar.gz" in str(error.value) and str(tmp_path / "data") in str(
+        error.value
+    )
     assert "--data-dir" in str(error.value)
 
 
@@ -134,7 +150,9 @@ def test_failed_download_says_where_to_put_the_data(tmp_path, monkeypatch):
 def test_script_offline_without_data_ends_with_one_line(tmp_path):
     # a proxy on a closed local port makes the download fail at once, as it does offline
     proxy = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
-    completed = run_script("lenet_cpu.py", "--data-dir", tmp_path / "none", "--out-dir", tmp_path / "out", env=proxy)
+    completed = run_script(
+        "lenet_cpu.py", "--data-dir", tmp_path / "none", "--out-dir", tmp_path / "out", env=proxy
+    )
     assert completed.returncode == 1
     assert "Traceback" not in completed.stderr
     lines = completed.stderr.strip().splitlines()
@@ -144,7 +162,12 @@ def test_script_offline_without_data_ends_with_one_line(tmp_path):
 
 def indexed_split(count):
     """Image i is filled with the value i, so batches reveal which images they hold."""
-    images = torch.arange(count, dtype=torch.uint8).view(-1, 1, 1, 1).expand(count, 3, 32, 32).contiguous()
+    images = (
+        torch.arange(count, dtype=torch.uint8)
+        .view(-1, 1, 1, 1)
+        .expand(count, 3, 32, 32)
+        .contiguous()
+    )
     return common.Split(images, torch.arange(count) % 10)
 
 
@@ -163,21 +186,32 @@ def test_training_batches_shuffle_every_epoch_and_repeat_with_the_seed():
 
 
 def test_evaluation_batches_keep_order_and_every_image():
-    assert image_indices(common.Batches(indexed_split(100), 32, "cpu", (0, 0, 0), (1, 1, 1))) == list(range(100))
+    assert image_indices(
+        common.Batches(indexed_split(100), 32, "cpu", (0, 0, 0), (1, 1, 1))
+    ) == list(range(100))
 
 
 def test_normalization_is_the_tutorials():
-    split = common.Split(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), torch.arange(64) % 10)
-    (images, labels), = list(common.Batches(split, 64, "cpu", (0.5,) * 3, (0.5,) * 3))
-    assert torch.allclose(images, (split.images.float() / 255 - 0.5) / 0.5, atol=1e-6) and labels.shape == (64,)
+    split = common.Split(
+        torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), torch.arange(64) % 10
+    )
+    ((images, labels),) = list(common.Batches(split, 64, "cpu", (0.5,) * 3, (0.5,) * 3))
+    assert torch.allclose(
+        images, (split.images.float() / 255 - 0.5) / 0.5, atol=1e-6
+    ) and labels.shape == (64,)
 
 
 def test_evaluating_a_model_in_training_mode_is_refused():
     with pytest.raises(RuntimeError, match="model.eval"):
-        common.evaluate(torch.nn.Linear(2, 2), common.Batches(indexed_split(4), 4, "cpu", (0,) * 3, (1,) * 3))
+        common.evaluate(
+            torch.nn.Linear(2, 2), common.Batches(indexed_split(4), 4, "cpu", (0,) * 3, (1,) * 3)
+        )
 
 
-CONFIGS = [dict(num_epochs=1, lr=0.1, momentum=0.9, batch_size=4), dict(num_epochs=2, lr=0.2, momentum=0.9, batch_size=4)]
+CONFIGS = [
+    dict(num_epochs=1, lr=0.1, momentum=0.9, batch_size=4),
+    dict(num_epochs=2, lr=0.2, momentum=0.9, batch_size=4),
+]
 
 
 def test_unknown_config_number_is_an_error_listing_the_valid_ones(capsys):
@@ -187,12 +221,26 @@ def test_unknown_config_number_is_an_error_listing_the_valid_ones(capsys):
     assert "invalid choice: 3 (choose from 1, 2)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, option", [
-    (["--seed", "-1"], "--seed"), (["--seed", "4294967296"], "--seed"), (["--momentum", "-1"], "--momentum"),
-    (["--momentum", "2"], "--momentum"), (["--momentum", "nan"], "--momentum"), (["--lr", "nan"], "--lr"),
-    (["--lr", "inf"], "--lr"), (["--lr", "0"], "--lr"), (["--epochs", "0"], "--epochs"),
-    (["--batch-size", "-4"], "--batch-size"), (["--subset", "x"], "--subset"), (["--log-interval", "-1"], "--log-interval"),
-    (["--configs", "1", "1"], "--configs"), (["--out-dir", ""], "--out-dir"), (["--data-dir", ""], "--data-dir")])
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["--seed", "-1"], "--seed"),
+        (["--seed", "4294967296"], "--seed"),
+        (["--momentum", "-1"], "--momentum"),
+        (["--momentum", "2"], "--momentum"),
+        (["--momentum", "nan"], "--momentum"),
+        (["--lr", "nan"], "--lr"),
+        (["--lr", "inf"], "--lr"),
+        (["--lr", "0"], "--lr"),
+        (["--epochs", "0"], "--epochs"),
+        (["--batch-size", "-4"], "--batch-size"),
+        (["--subset", "x"], "--subset"),
+        (["--log-interval", "-1"], "--log-interval"),
+        (["--configs", "1", "1"], "--configs"),
+        (["--out-dir", ""], "--out-dir"),
+        (["--data-dir", ""], "--data-dir"),
+    ],
+)
 def test_bad_values_are_refused_with_argparses_line(argv, option, capsys):
     with pytest.raises(SystemExit) as exit:
         common.parse_args("test", CONFIGS, argv)
@@ -206,7 +254,9 @@ def run_of(tmp_path, *argv):
 
 def test_overrides_apply_to_the_chosen_configs(tmp_path):
     run = run_of(tmp_path, "--configs", "2", "--epochs", "7", "--lr", "0.5")
-    assert list(run.configs(CONFIGS)) == [("config_2", dict(num_epochs=7, lr=0.5, momentum=0.9, batch_size=4))]
+    assert list(run.configs(CONFIGS)) == [
+        ("config_2", dict(num_epochs=7, lr=0.5, momentum=0.9, batch_size=4))
+    ]
     assert run.changed == ["epochs", "lr"]
 
 
@@ -222,7 +272,9 @@ def test_help_shows_each_default_once_and_no_none(capsys):
         common.parse_args("test", CONFIGS, ["--help"])
     text = capsys.readouterr().out
     assert "(default: None)" not in text and "(default: False)" not in text
-    assert text.count("(default: all)") == 1 and "(default: ./data)" in text and "(default: 1)" in text
+    assert (
+        text.count("(default: all)") == 1 and "(default: ./data)" in text and "(default: 1)" in text
+    )
     assert "--evaluate" in text and "--resume [RUN]" in text
 
 
@@ -253,12 +305,14 @@ def test_results_files_are_strict_json(tmp_path):
 
 
 def test_threads_come_from_the_flag_then_the_environment_then_the_script(tmp_path, monkeypatch):
-    """A LeNet script's default of one thread gives way to OMP_NUM_THREADS, and both to --threads (cpu)."""
+    """A LeNet script's default of one thread gives way to OMP_NUM_THREADS, and both to --threads
+    (cpu)."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert common.parse_args("", CONFIGS, [], threads=1).threads == 1
     assert common.parse_args("", CONFIGS, ["--threads", "2"], threads=1).threads == 2
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert common.parse_args("", CONFIGS, [], threads=1).threads is None  # torch reads the variable itself
+    # torch reads the variable itself
+    assert common.parse_args("", CONFIGS, [], threads=1).threads is None
     torch.set_num_threads(2)
     run_of(tmp_path, "--device", "cpu", "--threads", "1")
     assert torch.get_num_threads() == 1

@@ -1,4 +1,5 @@
-"""The figures published in the README and the scripts' docstrings are those of the runs in modelset/reference/,
+"""The figures published in the README and the scripts' docstrings are those of the runs in
+modelset/reference/,
 and saved weights can be checked in seconds with --evaluate."""
 
 import json
@@ -17,14 +18,23 @@ import resnet18
 from conftest import ROOT, run_script
 
 REFERENCE = ROOT / "modelset" / "reference"
-SCRIPTS = {"lenet_cpu": lenet_cpu, "lenet_multigpu": lenet_multigpu, "l2_regularization": l2_regularization,
-           "dropout_regularization": dropout_regularization}
+SCRIPTS = {
+    "lenet_cpu": lenet_cpu,
+    "lenet_multigpu": lenet_multigpu,
+    "l2_regularization": l2_regularization,
+    "dropout_regularization": dropout_regularization,
+}
 # what a column of a published table shows, and how the table writes it
-COLUMNS = {"ours": ("final_test_accuracy", "{:.2f}%"), "test accuracy": ("final_test_accuracy", "{:.2f}%"),
-           "train accuracy (eval mode)": ("final_train_eval_accuracy", "{:.2f}%"),
-           "train accuracy (last epoch)": ("final_train_accuracy", "{:.2f}%"),
-           "train-test gap": ("train_test_gap", "{:.2f} points"), "weight norm": ("weight_norm", "{:.2f}"),
-           "training time": ("train_seconds", "{:.0f} s"), "report": ("reported", None)}
+COLUMNS = {
+    "ours": ("final_test_accuracy", "{:.2f}%"),
+    "test accuracy": ("final_test_accuracy", "{:.2f}%"),
+    "train accuracy (eval mode)": ("final_train_eval_accuracy", "{:.2f}%"),
+    "train accuracy (last epoch)": ("final_train_accuracy", "{:.2f}%"),
+    "train-test gap": ("train_test_gap", "{:.2f} points"),
+    "weight norm": ("weight_norm", "{:.2f}"),
+    "training time": ("train_seconds", "{:.0f} s"),
+    "report": ("reported", None),
+}
 
 
 def reference(script, name):
@@ -38,7 +48,8 @@ def figure(result, key):
 
 
 def shown(result, column):
-    """A column's figure of `result` as a published table writes it; the report's with its own decimals."""
+    """A column's figure of `result` as a published table writes it; the report's with its own
+    decimals."""
     key, shape = COLUMNS[column]
     if key == "reported":
         return f"{result['reported']['test_accuracy']:.{result['reported'].get('decimals', 2)}f}%"
@@ -46,7 +57,8 @@ def shown(result, column):
 
 
 def summary_configs(path):
-    """The configs of a summary.json: a list in runs before the run's wall time was recorded, else under
+    """The configs of a summary.json: a list in runs before the run's wall time was recorded, else
+    under
     "configs"."""
     summary = json.loads(path.read_text())
     return summary if isinstance(summary, list) else summary["configs"]
@@ -55,7 +67,10 @@ def summary_configs(path):
 def published_tables(text):
     """(script, header, rows) of every table marked `<!-- evidence: SCRIPT -->` in `text`."""
     for script, table in re.findall(r"<!-- evidence: (\w+) -->\n((?:\|.*\n)+)", text):
-        lines = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in table.splitlines()]
+        lines = [
+            [cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in table.splitlines()
+        ]
         yield script, [cell.lower() for cell in lines[0]], lines[2:]
 
 
@@ -81,7 +96,8 @@ def test_the_sample_summary_line_is_the_committed_runs():
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_docstring_table_is_the_committed_runs(script):
-    """Docstring tables: a row per config, first its number, then figures in the order of their header."""
+    """Docstring tables: a row per config, first its number, then figures in the order of their
+    header."""
     docstring = SCRIPTS[script].__doc__
     header = re.search(r"\n *config *\|(.*)\n", docstring)
     columns = [cell.strip().lower() for cell in header.group(1).split("|")]
@@ -91,17 +107,27 @@ def test_every_docstring_table_is_the_committed_runs(script):
         result = reference(script, f"config_{number}")
         for column, cell in zip(columns, cells.split("|")):
             if column in COLUMNS:
-                assert cell.split("  ")[0].strip() == shown(result, column), (script, number, column)
+                assert cell.split("  ")[0].strip() == shown(result, column), (
+                    script,
+                    number,
+                    column,
+                )
 
 
 def test_reference_runs_hold_what_the_readme_promises():
     for script in SCRIPTS:
         summary = summary_configs(REFERENCE / script / "summary.json")
-        assert summary and all(entry["status"] == "completed" and entry["environment"] if "environment" in entry
-                               else entry["status"] == "completed" for entry in summary)
+        assert summary and all(
+            entry["status"] == "completed" and entry["environment"]
+            if "environment" in entry
+            else entry["status"] == "completed"
+            for entry in summary
+        )
         for entry in summary:
             result = reference(script, entry["name"])
-            assert result["data"]["train_images"] == 50_000 and result["data"]["test_images"] == 10_000
+            assert (
+                result["data"]["train_images"] == 50_000 and result["data"]["test_images"] == 10_000
+            )
             assert result["environment"]["subset"] is None and not result["environment"]["dry_run"]
             assert (REFERENCE / script / entry["name"] / "curves.png").exists()
     assert not list(REFERENCE.rglob("checkpoint.pt")) and not list(REFERENCE.rglob(".lock"))
@@ -112,17 +138,37 @@ def test_every_committed_weights_file_fits_its_script_and_records_its_figure():
     weights = list(REFERENCE.rglob("model.pth"))
     assert {path.parent.parent.name for path in weights} == set(SCRIPTS)
     for path in weights:
-        model = dropout_regularization.DropoutNet(0.0) if path.parts[-3] == "dropout_regularization" else lenet_cpu.Net()
+        model = (
+            dropout_regularization.DropoutNet(0.0)
+            if path.parts[-3] == "dropout_regularization"
+            else lenet_cpu.Net()
+        )
         model.load_state_dict(torch.load(path, weights_only=True))
         assert "final_test_accuracy" in json.loads((path.parent / "results.json").read_text())
 
 
 @pytest.mark.slow
 def test_evaluate_reproduces_a_runs_figure_in_seconds(data_dir, tmp_path):
-    assert lenet_cpu.main(["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]) == 0
+    assert (
+        lenet_cpu.main(
+            [
+                "--device",
+                "cpu",
+                "--data-dir",
+                str(data_dir),
+                "--out-dir",
+                str(tmp_path),
+                "--epochs",
+                "1",
+            ]
+        )
+        == 0
+    )
     folder = tmp_path / "run_001" / "config_1"
     recorded = json.loads((folder / "results.json").read_text())["final_test_accuracy"]
-    completed = run_script("lenet_cpu.py", "--evaluate", folder / "model.pth", "--data-dir", data_dir)
+    completed = run_script(
+        "lenet_cpu.py", "--evaluate", folder / "model.pth", "--data-dir", data_dir
+    )
     assert completed.returncode == 0, completed.stderr
     lines = completed.stdout.splitlines()
     assert f"test accuracy {recorded:.2f}% on 100 images" in lines[0]
@@ -132,62 +178,90 @@ def test_evaluate_reproduces_a_runs_figure_in_seconds(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_refuses_a_missing_file_and_weights_of_another_model(data_dir, tmp_path):
-    missing = run_script("lenet_cpu.py", "--evaluate", tmp_path / "nothing.pth", "--data-dir", data_dir)
+    missing = run_script(
+        "lenet_cpu.py", "--evaluate", tmp_path / "nothing.pth", "--data-dir", data_dir
+    )
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1
     assert str(tmp_path / "nothing.pth") in missing.stderr and "missing" in missing.stderr
     torch.save(resnet18.ResNet18().state_dict(), tmp_path / "resnet.pth")
-    other = run_script("lenet_cpu.py", "--evaluate", tmp_path / "resnet.pth", "--data-dir", data_dir)
-    assert other.returncode == 1 and "Traceback" not in other.stderr and other.stderr.count("\n") == 1
+    other = run_script(
+        "lenet_cpu.py", "--evaluate", tmp_path / "resnet.pth", "--data-dir", data_dir
+    )
+    assert (
+        other.returncode == 1 and "Traceback" not in other.stderr and other.stderr.count("\n") == 1
+    )
     assert "resnet.pth: it does not fit this model" in other.stderr
 
 
 def test_the_resnet_speed_table_is_the_committed_benchmarks():
-    """docs/DEVELOPING.md's ResNet-18 speeds on the CPU: each row is a `benchmarks/resnet18_speed.py --json`
+    """docs/DEVELOPING.md's ResNet-18 speeds on the CPU: each row is a `benchmarks/resnet18_speed.py
+    --json`
     file in modelset/reference/benchmarks/, made by committed code (it names the commit)."""
     rows = evidence_rows((ROOT / "docs" / "DEVELOPING.md").read_text(), "resnet18_speed")
     assert len(rows) == len(list((REFERENCE / "benchmarks").glob("resnet18_speed_*.json"))) >= 4
     for file_name, batch_size, precision, train_rate, evaluation_rate, epochs_time in rows:
         figures = json.loads((REFERENCE / "benchmarks" / file_name.strip("`")).read_text())
         assert [batch_size, precision, train_rate, evaluation_rate, epochs_time] == [
-            str(figures["batch_size"]), figures["precision"], f"{figures['train_images_per_second']:.1f}",
-            f"{figures['evaluated_images_per_second']:.1f}", common.duration(figures["seconds_for_25_epochs"])]
+            str(figures["batch_size"]),
+            figures["precision"],
+            f"{figures['train_images_per_second']:.1f}",
+            f"{figures['evaluated_images_per_second']:.1f}",
+            common.duration(figures["seconds_for_25_epochs"]),
+        ]
         assert figures["code"]["commit"] and figures["code"]["changed"] is False
 
 
 def test_the_lenet_threads_table_is_the_committed_measurement():
     measured = json.loads((REFERENCE / "benchmarks" / "lenet_threads.json").read_text())
-    seconds = {(row["script"], row["threads"], row["condition"] != "idle"): row["train_seconds"]
-               for row in measured["rows"]}
+    seconds = {
+        (row["script"], row["threads"], row["condition"] != "idle"): row["train_seconds"]
+        for row in measured["rows"]
+    }
     rows = evidence_rows((ROOT / "docs" / "DEVELOPING.md").read_text(), "lenet_threads")
     assert len(rows) == 3 and measured["code"]["commit"]
     for script, *cells in rows:
         keys = [(1, False), (2, False), (1, True), (2, True)]
-        assert cells == [f"{seconds[script.strip('`'), threads, beside]:.2f} s" for threads, beside in keys]
+        assert cells == [
+            f"{seconds[script.strip('`'), threads, beside]:.2f} s" for threads, beside in keys
+        ]
 
 
 def test_the_published_seed_spread_is_the_committed_runs():
     """lenet_cpu.py's seeds 1-3 on the reference run's machine, and seed 1 on an earlier machine."""
     folder = REFERENCE / "lenet_cpu_seeds"
-    figures = [json.loads((folder / f"seed_{seed}" / "results.json").read_text()) for seed in (1, 2, 3)]
+    figures = [
+        json.loads((folder / f"seed_{seed}" / "results.json").read_text()) for seed in (1, 2, 3)
+    ]
     other_machine = json.loads((folder / "other_machine_seed_1" / "results.json").read_text())
     assert [result["environment"]["seed"] for result in figures] == [1, 2, 3]
     assert other_machine["environment"]["seed"] == 1
     assert other_machine["environment"]["platform"] != figures[0]["environment"]["platform"]
     for result in [*figures, other_machine]:
         assert result["status"] == "completed" and result["data"]["train_images"] == 50_000
-    assert figures[0]["final_test_accuracy"] == reference("lenet_cpu", "config_1")["final_test_accuracy"]
+    assert (
+        figures[0]["final_test_accuracy"]
+        == reference("lenet_cpu", "config_1")["final_test_accuracy"]
+    )
     accuracies = [f"{result['final_test_accuracy']:.2f}%" for result in figures]
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert f"seeds 1, 2 and 3 gave {accuracies[0]}, {accuracies[1]} and {accuracies[2]}" in readme
-    assert f"seed 1 gave {accuracies[0]} here and {other_machine['final_test_accuracy']:.2f}%" in readme
-    spread = max(r["final_test_accuracy"] for r in figures) - min(r["final_test_accuracy"] for r in figures)
+    assert (
+        f"seed 1 gave {accuracies[0]} here and {other_machine['final_test_accuracy']:.2f}%"
+        in readme
+    )
+    spread = max(r["final_test_accuracy"] for r in figures) - min(
+        r["final_test_accuracy"] for r in figures
+    )
     assert f"({spread:.2f} here, from three)" in readme
 
 
 def evidence_rows(text, name):
     """The cells of each row of the table marked `<!-- evidence: name -->` in `text`."""
     table = re.search(rf"<!-- evidence: {name} -->\n((?:\|.*\n)+)", text).group(1)
-    return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in table.splitlines()[2:]]
+    return [
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in table.splitlines()[2:]
+    ]
 
 
 def without_paths(command):
@@ -202,7 +276,8 @@ def without_paths(command):
 
 
 def test_the_short_run_table_is_the_committed_short_runs():
-    """README's short runs: each command is the run's own (less its data and output folders), its wall
+    """README's short runs: each command is the run's own (less its data and output folders), its
+    wall
     time the run's summary.json, its figures the config's results.json, made by committed code."""
     script = None
     rows = evidence_rows((ROOT / "README.md").read_text(), "short_runs")
@@ -213,12 +288,17 @@ def test_the_short_run_table_is_the_committed_short_runs():
             script = Path(argv[0]).stem
             folder = REFERENCE / "short_runs" / script
             summary = json.loads((folder / "summary.json").read_text())
-            assert wall_time == common.duration(summary["wall_seconds"]) and summary["resumed"] is False
+            assert (
+                wall_time == common.duration(summary["wall_seconds"])
+                and summary["resumed"] is False
+            )
         result = json.loads((folder / f"config_{config.split()[0]}" / "results.json").read_text())
         assert without_paths(result["environment"]["command"]) == argv
         assert result["environment"]["code"]["changed"] is False and result["status"] == "completed"
         assert test_accuracy == f"{result['final_test_accuracy']:.2f}%"
-        assert gap == (f"{result['train_test_gap']:.2f} points" if "train_test_gap" in result else "")
+        assert gap == (
+            f"{result['train_test_gap']:.2f} points" if "train_test_gap" in result else ""
+        )
 
 
 def test_the_whole_run_table_is_the_reference_runs():
@@ -231,15 +311,18 @@ def test_the_whole_run_table_is_the_reference_runs():
         summary_path = REFERENCE / Path(argv[0]).stem / "summary.json"
         configs = summary_configs(summary_path)
         if "--configs" in argv:
-            numbers = [f"config_{n}" for n in argv[argv.index("--configs") + 1:] if n.isdigit()]
+            numbers = [f"config_{n}" for n in argv[argv.index("--configs") + 1 :] if n.isdigit()]
             chosen = [result for result in configs if result["name"] in numbers]
             assert len(chosen) == len(numbers)
         else:
             chosen = configs
         assert training_time == f"{sum(result['train_seconds'] for result in chosen):.0f} s"
         accuracies = [result["final_test_accuracy"] for result in chosen]
-        low_high = f"{min(accuracies):.2f}%" if len(accuracies) == 1 else \
-            f"{min(accuracies):.2f}-{max(accuracies):.2f}%"
+        low_high = (
+            f"{min(accuracies):.2f}%"
+            if len(accuracies) == 1
+            else f"{min(accuracies):.2f}-{max(accuracies):.2f}%"
+        )
         assert test_accuracy.startswith(low_high)
         summary = json.loads(summary_path.read_text())
         if isinstance(summary, dict) and chosen == configs:

@@ -1,4 +1,5 @@
-"""Long runs survive Ctrl-C and SIGTERM (--resume), damaged run files and divergence (the NaN guard)."""
+"""Long runs survive Ctrl-C and SIGTERM (--resume), damaged run files and divergence (the NaN
+guard)."""
 
 import json
 import os
@@ -29,15 +30,35 @@ def wait_for_epochs(process, folder, count):
 
 @pytest.mark.parametrize("signal_number, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 @pytest.mark.slow
-def test_interrupt_then_resume_matches_an_uninterrupted_run(signal_number, status, data_dir, tmp_path):
-    """Ctrl-C and SIGTERM (kill, job schedulers) alike: epochs saved, one resume line, same result."""
+def test_interrupt_then_resume_matches_an_uninterrupted_run(
+    signal_number, status, data_dir, tmp_path
+):
+    """Ctrl-C and SIGTERM (kill, job schedulers) alike: epochs saved, one resume line, same
+    result."""
     # 60 short epochs: seconds of training after the signal's trigger, so it lands inside an epoch
     # and not in the final evaluation and pictures (tested on their own below)
-    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--epochs", "60", "--log-interval", "0"]
+    arguments = [
+        "--device",
+        "cpu",
+        "--data-dir",
+        str(data_dir),
+        "--epochs",
+        "60",
+        "--log-interval",
+        "0",
+    ]
     assert lenet_cpu.main([*arguments, "--out-dir", str(tmp_path / "straight")]) == 0
 
-    command = [sys.executable, "lenet_cpu.py", *arguments, "--out-dir", str(tmp_path / "interrupted")]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        "lenet_cpu.py",
+        *arguments,
+        "--out-dir",
+        str(tmp_path / "interrupted"),
+    ]
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     folder = tmp_path / "interrupted" / "run_001" / "config_1"
     wait_for_epochs(process, folder, 2)
     process.send_signal(signal_number)
@@ -52,23 +73,46 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(signal_number, statu
     assert interrupted["status"] == "interrupted" and 2 <= finished < 60
 
     assert not (tmp_path / "interrupted" / "latest").exists()  # latest names complete runs only
-    resumed = subprocess.run([*command, "--resume", "run_001"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [*command, "--resume", "run_001"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming after epoch {finished}" in resumed.stdout
     straight = tmp_path / "straight" / "run_001" / "config_1"
     assert [e["epoch"] for e in history(folder)] == list(range(1, 61))
     assert (tmp_path / "interrupted" / "latest").read_text().strip() == "run_001"
-    strip = [{k: v for k, v in e.items() if k not in ("seconds", "warmup_seconds")} for e in history(straight)]
-    assert [{k: v for k, v in e.items() if k not in ("seconds", "warmup_seconds")} for e in history(folder)] == strip
-    final, reference = torch.load(folder / "model.pth"), torch.load(straight / "model.pth")
+    strip = [
+        {k: v for k, v in e.items() if k not in ("seconds", "warmup_seconds")}
+        for e in history(straight)
+    ]
+    assert [
+        {k: v for k, v in e.items() if k not in ("seconds", "warmup_seconds")}
+        for e in history(folder)
+    ] == strip
+    final = torch.load(folder / "model.pth")
+    reference = torch.load(straight / "model.pth")
     assert all(torch.equal(final[key], reference[key]) for key in reference)
 
 
 @pytest.mark.slow
 def test_two_quick_ctrl_c_end_with_one_message(data_dir, tmp_path):
-    command = [sys.executable, "lenet_cpu.py", "--device", "cpu", "--data-dir", str(data_dir), "--epochs", "60", "--log-interval", "0",
-               "--out-dir", str(tmp_path)]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        "lenet_cpu.py",
+        "--device",
+        "cpu",
+        "--data-dir",
+        str(data_dir),
+        "--epochs",
+        "60",
+        "--log-interval",
+        "0",
+        "--out-dir",
+        str(tmp_path),
+    ]
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     wait_for_epochs(process, tmp_path / "run_001" / "config_1", 2)
     process.send_signal(signal.SIGINT)
     time.sleep(0.15)
@@ -79,7 +123,16 @@ def test_two_quick_ctrl_c_end_with_one_message(data_dir, tmp_path):
 
 
 def test_resume_skips_finished_configs_and_refuses_changed_ones(data_dir, tmp_path, capsys):
-    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
+    arguments = [
+        "--device",
+        "cpu",
+        "--data-dir",
+        str(data_dir),
+        "--out-dir",
+        str(tmp_path),
+        "--epochs",
+        "1",
+    ]
     assert lenet_cpu.main(arguments) == 0
     before = (tmp_path / "run_001" / "config_1" / "model.pth").read_bytes()
     assert lenet_cpu.main([*arguments, "--resume"]) == 0
@@ -97,10 +150,13 @@ def test_resume_without_a_run_is_a_clear_error(tmp_path):
 
 
 def test_diverging_config_is_marked_and_the_next_one_runs(data_dir, tmp_path, capsys):
-    configs = [dict(num_epochs=3, lr=1e6, momentum=0.9, batch_size=8),
-               dict(num_epochs=1, lr=0.001, momentum=0.9, batch_size=8)]
-    args = common.parse_args("", configs, ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir",
-                                           str(tmp_path)])
+    configs = [
+        dict(num_epochs=3, lr=1e6, momentum=0.9, batch_size=8),
+        dict(num_epochs=1, lr=0.001, momentum=0.9, batch_size=8),
+    ]
+    args = common.parse_args(
+        "", configs, ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path)]
+    )
     run = new_run("x.py", args)
     data = run.load_data()
     test_batches = run.batches(data.test, 100)
@@ -113,27 +169,45 @@ def test_diverging_config_is_marked_and_the_next_one_runs(data_dir, tmp_path, ca
         for epoch in range(record.resume(model, optimizer), config["num_epochs"]):
             trained_epochs.append((name, epoch))
             meter = record.meter(epoch, train_batches.steps)
-            lenet_cpu.train(model, train_batches.epoch(epoch), torch.nn.CrossEntropyLoss(), optimizer, meter)
-            if not record.add_epoch(meter, 0.1, test_accuracy=common.evaluate(model.eval(), test_batches)):
+            lenet_cpu.train(
+                model, train_batches.epoch(epoch), torch.nn.CrossEntropyLoss(), optimizer, meter
+            )
+            if not record.add_epoch(
+                meter, 0.1, test_accuracy=common.evaluate(model.eval(), test_batches)
+            ):
                 break
         if record.status == "running":
             record.finish(test_batches)
     assert run.finish() == 1
     assert trained_epochs == [("config_1", 0), ("config_2", 0)]  # no epoch after the divergence
     error = capsys.readouterr().err
-    assert "config_1 diverged: the training loss is nan in epoch 1; try a lower learning rate than 1000000.0" in error
+    assert (
+        "config_1 diverged: the training loss is nan in epoch 1; try a lower learning rate than "
+        "1000000.0" in error
+    )
     run_dir = tmp_path / "run_001"
 
     def no_nan(text):
         raise ValueError(f"{text} is not JSON")
 
-    diverged = json.loads((run_dir / "config_1" / "results.json").read_text(), parse_constant=no_nan)
+    diverged = json.loads(
+        (run_dir / "config_1" / "results.json").read_text(), parse_constant=no_nan
+    )
     assert diverged["status"] == "diverged" and diverged["history"][0]["train_loss"] is None
     assert json.loads((run_dir / "config_2" / "results.json").read_text())["status"] == "completed"
 
 
 def test_ctrl_c_after_the_last_epoch_says_what_is_saved(data_dir, tmp_path, monkeypatch, capsys):
-    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
+    arguments = [
+        "--device",
+        "cpu",
+        "--data-dir",
+        str(data_dir),
+        "--out-dir",
+        str(tmp_path),
+        "--epochs",
+        "1",
+    ]
 
     def interrupted_summary(result):
         raise KeyboardInterrupt
@@ -143,7 +217,10 @@ def test_ctrl_c_after_the_last_epoch_says_what_is_saved(data_dir, tmp_path, monk
         common.run_main(lambda: lenet_cpu.main(arguments))
     assert exit.value.code == 130
     message = capsys.readouterr().err.strip()
-    assert "nothing was saved" not in message and f"saved in {tmp_path / 'run_001'}: config_1 completed" in message
+    assert (
+        "nothing was saved" not in message
+        and f"saved in {tmp_path / 'run_001'}: config_1 completed" in message
+    )
     assert message.endswith("--resume run_001")
     monkeypatch.undo()
     assert lenet_cpu.main([*arguments, "--resume"]) == 0
@@ -151,11 +228,27 @@ def test_ctrl_c_after_the_last_epoch_says_what_is_saved(data_dir, tmp_path, monk
 
 
 @pytest.mark.slow
-def test_ctrl_c_in_the_final_evaluation_keeps_the_epochs_for_resume(data_dir, tmp_path, monkeypatch, capsys):
+def test_ctrl_c_in_the_final_evaluation_keeps_the_epochs_for_resume(
+    data_dir, tmp_path, monkeypatch, capsys
+):
     import resnet18
 
-    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "5", "--subset", "64",
-                 "--epochs", "1", "--batch-size", "32"]
+    arguments = [
+        "--device",
+        "cpu",
+        "--data-dir",
+        str(data_dir),
+        "--out-dir",
+        str(tmp_path),
+        "--configs",
+        "5",
+        "--subset",
+        "64",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+    ]
 
     def interrupted_tta(model, batches):
         raise KeyboardInterrupt
@@ -176,8 +269,18 @@ def test_ctrl_c_in_the_final_evaluation_keeps_the_epochs_for_resume(data_dir, tm
 
 
 def interrupted_run(data_dir, tmp_path):
-    """A finished one-epoch lenet_cpu run made to look interrupted after its epoch: its arguments and folder."""
-    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
+    """A finished one-epoch lenet_cpu run made to look interrupted after its epoch: its arguments
+    and folder."""
+    arguments = [
+        "--device",
+        "cpu",
+        "--data-dir",
+        str(data_dir),
+        "--out-dir",
+        str(tmp_path),
+        "--epochs",
+        "1",
+    ]
     assert lenet_cpu.main(arguments) == 0
     folder = tmp_path / "run_001" / "config_1"
     results = json.loads((folder / "results.json").read_text())
@@ -198,16 +301,36 @@ def replace_checkpoint(path, **changes):
 
 
 DAMAGES = {
-    "checkpoint cut short": (lambda folder: truncate(folder / "checkpoint.pt"), "checkpoint.pt: it is damaged"),
-    "results cut short": (lambda folder: truncate(folder / "results.json"), "results.json: it is damaged"),
-    "results not a run's": (lambda folder: (folder / "results.json").write_text("[1, 2]"), "results.json: it is damaged"),
-    "checkpoint of another config": (lambda folder: replace_checkpoint(folder / "checkpoint.pt", config={"lr": 1}),
-                                     "checkpoint.pt: it does not fit .*it is of config"),
-    "checkpoint of another model": (lambda folder: replace_checkpoint(folder / "checkpoint.pt",
-                                                                      model=torch.nn.Linear(2, 2).state_dict()),
-                                    "checkpoint.pt: it does not fit this model"),
-    "checkpoint missing": (lambda folder: (folder / "checkpoint.pt").unlink(), "checkpoint.pt: it is missing"),
-    "results missing": (lambda folder: (folder / "results.json").unlink(), "has no results.json beside it"),
+    "checkpoint cut short": (
+        lambda folder: truncate(folder / "checkpoint.pt"),
+        "checkpoint.pt: it is damaged",
+    ),
+    "results cut short": (
+        lambda folder: truncate(folder / "results.json"),
+        "results.json: it is damaged",
+    ),
+    "results not a run's": (
+        lambda folder: (folder / "results.json").write_text("[1, 2]"),
+        "results.json: it is damaged",
+    ),
+    "checkpoint of another config": (
+        lambda folder: replace_checkpoint(folder / "checkpoint.pt", config={"lr": 1}),
+        "checkpoint.pt: it does not fit .*it is of config",
+    ),
+    "checkpoint of another model": (
+        lambda folder: replace_checkpoint(
+            folder / "checkpoint.pt", model=torch.nn.Linear(2, 2).state_dict()
+        ),
+        "checkpoint.pt: it does not fit this model",
+    ),
+    "checkpoint missing": (
+        lambda folder: (folder / "checkpoint.pt").unlink(),
+        "checkpoint.pt: it is missing",
+    ),
+    "results missing": (
+        lambda folder: (folder / "results.json").unlink(),
+        "has no results.json beside it",
+    ),
 }
 
 
@@ -220,13 +343,24 @@ def test_damaged_run_files_stop_resume_with_one_line_and_change_nothing(damage, 
     before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
     with pytest.raises(common.ExperimentError, match=message) as error:
         lenet_cpu.main(arguments)
-    assert f"cannot resume {folder.parent}" in str(error.value) and f"delete {folder}" in str(error.value)
+    assert f"cannot resume {folder.parent}" in str(error.value) and f"delete {folder}" in str(
+        error.value
+    )
     assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
 
 
 @pytest.mark.slow
 def test_completed_config_without_its_weights_is_a_clear_error(data_dir, tmp_path):
-    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
+    arguments = [
+        "--device",
+        "cpu",
+        "--data-dir",
+        str(data_dir),
+        "--out-dir",
+        str(tmp_path),
+        "--epochs",
+        "1",
+    ]
     assert lenet_cpu.main(arguments) == 0
     (tmp_path / "run_001" / "config_1" / "model.pth").unlink()
     with pytest.raises(common.ExperimentError, match="model.pth: it is missing"):
@@ -238,7 +372,10 @@ def test_results_of_another_script_are_refused(data_dir, tmp_path):
     arguments, folder = interrupted_run(data_dir, tmp_path)
     results = json.loads((folder / "results.json").read_text())
     (folder / "results.json").write_text(json.dumps({**results, "script": "resnet18.py"}))
-    with pytest.raises(common.ExperimentError, match=r"no run of lenet_cpu.py .*\(run_001 is a run of resnet18.py\)"):
+    with pytest.raises(
+        common.ExperimentError,
+        match=r"no run of lenet_cpu.py .*\(run_001 is a run of resnet18.py\)",
+    ):
         lenet_cpu.main(arguments)
 
 
@@ -246,11 +383,20 @@ def test_results_of_another_script_are_refused(data_dir, tmp_path):
 def test_damaged_results_from_the_command_line_end_with_one_line(data_dir, tmp_path):
     arguments, folder = interrupted_run(data_dir, tmp_path)
     truncate(folder / "results.json")
-    completed = subprocess.run([sys.executable, "lenet_cpu.py", *arguments], cwd=ROOT, capture_output=True,
-                               text=True, timeout=120)
+    completed = subprocess.run(
+        [sys.executable, "lenet_cpu.py", *arguments],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert completed.returncode == 1 and "Traceback" not in completed.stderr
     lines = completed.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: cannot resume ") and "results.json: it is damaged" in lines[0]
+    assert (
+        len(lines) == 1
+        and lines[0].startswith("error: cannot resume ")
+        and "results.json: it is damaged" in lines[0]
+    )
 
 
 def sigterm_then_wait():

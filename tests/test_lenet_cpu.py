@@ -19,19 +19,39 @@ def test_net_is_the_tutorial_lenet():
 
 @pytest.mark.slow
 def test_run_writes_results_and_never_overwrites(data_dir, tmp_path, capsys):
-    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1"]
+    arguments = [
+        "--device",
+        "cpu",
+        "--data-dir",
+        str(data_dir),
+        "--out-dir",
+        str(tmp_path),
+        "--epochs",
+        "1",
+    ]
     assert lenet_cpu.main(arguments) == 0
     output = capsys.readouterr().out
-    assert re.search(r"config_1: Configuration: \{'num_epochs': 1, 'lr': 0.001, 'momentum': 0.9, 'batch_size': 4\} "
-                     r"Final test accuracy: \d+\.\d\d% Training time: \d+\.\d\d seconds", output)
+    assert re.search(
+        r"config_1: Configuration: \{'num_epochs': 1, 'lr': 0.001, 'momentum': 0.9, "
+        r"'batch_size': 4\} "
+        r"Final test accuracy: \d+\.\d\d% Training time: \d+\.\d\d seconds",
+        output,
+    )
     assert "Accuracy for class: plane is" in output
     folder = tmp_path / "run_001" / "config_1"
-    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt", "confusion.png", "curves.png", "model.pth",
-                                                         "predictions.png", "results.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "checkpoint.pt",
+        "confusion.png",
+        "curves.png",
+        "model.pth",
+        "predictions.png",
+        "results.json",
+    ]
     results = json.loads((folder / "results.json").read_text())
     assert results["status"] == "completed" and results["config"]["batch_size"] == 4
     assert [sorted(e) for e in results["history"]] == [
-        ["epoch", "seconds", "test_accuracy", "train_accuracy", "train_loss", "warmup_seconds"]]
+        ["epoch", "seconds", "test_accuracy", "train_accuracy", "train_loss", "warmup_seconds"]
+    ]
     assert results["final_test_accuracy"] == results["history"][-1]["test_accuracy"]
     assert results["train_seconds"] == results["history"][0]["seconds"]
     # the report's figure is saved, but a 1-epoch run is not the report's config: no comparison
@@ -40,9 +60,13 @@ def test_run_writes_results_and_never_overwrites(data_dir, tmp_path, capsys):
     # the confusion matrix: rows are the true classes of all 100 test images
     confusion = torch.tensor(results["confusion_matrix"])
     assert confusion.shape == (10, 10) and confusion.sum() == 100
-    assert 100 * confusion.diag().sum().item() / 100 == pytest.approx(results["final_test_accuracy"])
+    assert 100 * confusion.diag().sum().item() / 100 == pytest.approx(
+        results["final_test_accuracy"]
+    )
     assert list(results["per_class_test_accuracy"]) == list(common.CLASSES)
-    assert results["environment"]["torch"] == torch.__version__ and results["environment"]["seed"] == 1
+    assert (
+        results["environment"]["torch"] == torch.__version__ and results["environment"]["seed"] == 1
+    )
     state = torch.load(folder / "model.pth", weights_only=True)
     lenet_cpu.Net().load_state_dict(state)  # plain keys, no "module." prefix
     before = {p: p.read_bytes() for p in folder.iterdir()}
@@ -54,11 +78,17 @@ def test_run_writes_results_and_never_overwrites(data_dir, tmp_path, capsys):
     assert (tmp_path / "latest").read_text() == "run_002\n"
 
 
-def test_the_report_is_compared_only_for_its_own_config_at_its_precision(data_dir, tmp_path, monkeypatch,
-                                                                         capsys):
-    """The report wrote "60%": ours is compared in whole points, never with two decimals it lacks."""
-    monkeypatch.setattr(lenet_cpu, "CONFIGS", [dict(lenet_cpu.CONFIGS[0], num_epochs=1)])  # the listed config
-    assert lenet_cpu.main(["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path)]) == 0
+def test_the_report_is_compared_only_for_its_own_config_at_its_precision(
+    data_dir, tmp_path, monkeypatch, capsys
+):
+    """The report wrote "60%": ours is compared in whole points, never with two decimals it
+    lacks."""
+    # the listed config
+    monkeypatch.setattr(lenet_cpu, "CONFIGS", [dict(lenet_cpu.CONFIGS[0], num_epochs=1)])
+    assert (
+        lenet_cpu.main(["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path)])
+        == 0
+    )
     results = json.loads((tmp_path / "run_001" / "config_1" / "results.json").read_text())
     points = results["versus_report"]["test_accuracy_points"]
     assert points == round(results["final_test_accuracy"] - 60) and points == int(points)
@@ -66,9 +96,25 @@ def test_the_report_is_compared_only_for_its_own_config_at_its_precision(data_di
     assert f"| report: 60% ({points:+.0f} points" in output and "60.00%" not in output
 
 
-def test_a_long_cpu_run_says_so_early_with_how_to_shorten_it(data_dir, tmp_path, monkeypatch, capsys):
+def test_a_long_cpu_run_says_so_early_with_how_to_shorten_it(
+    data_dir, tmp_path, monkeypatch, capsys
+):
     time_lenet_steps(monkeypatch, lambda call: 10.0)  # every step seems to take seconds
-    assert lenet_cpu.main(["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "2"]) == 0
+    assert (
+        lenet_cpu.main(
+            [
+                "--device",
+                "cpu",
+                "--data-dir",
+                str(data_dir),
+                "--out-dir",
+                str(tmp_path),
+                "--epochs",
+                "2",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     estimates = [line for line in lines if line.startswith("at this pace its training alone takes")]
     assert len(estimates) == 1 and "--subset" in estimates[0]
@@ -80,25 +126,59 @@ def test_a_long_cpu_run_says_so_early_with_how_to_shorten_it(data_dir, tmp_path,
 
 @pytest.mark.parametrize("seconds_per_step, estimate", [(1.0, None), (20.0, "33 min 20 s")])
 @pytest.mark.slow
-def test_the_estimate_leaves_the_slow_warm_up_steps_out(data_dir, tmp_path, monkeypatch, capsys,
-                                                       seconds_per_step, estimate):
+def test_the_estimate_leaves_the_slow_warm_up_steps_out(
+    data_dir, tmp_path, monkeypatch, capsys, seconds_per_step, estimate
+):
     # 1000 s for each warm-up step; the estimate comes within the first epoch's steps
-    time_lenet_steps(monkeypatch, lambda call: 1000.0 if call < common.WARMUP_STEPS else seconds_per_step)
-    assert lenet_cpu.main(["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "2"]) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("at this pace")]
+    time_lenet_steps(
+        monkeypatch, lambda call: 1000.0 if call < common.WARMUP_STEPS else seconds_per_step
+    )
+    assert (
+        lenet_cpu.main(
+            [
+                "--device",
+                "cpu",
+                "--data-dir",
+                str(data_dir),
+                "--out-dir",
+                str(tmp_path),
+                "--epochs",
+                "2",
+            ]
+        )
+        == 0
+    )
+    lines = [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("at this pace")
+    ]
     assert len(lines) == (0 if estimate is None else 1)
     if estimate:  # 50 steps of batch 4 per epoch, 2 epochs, at 20 s a step
         assert f"takes {estimate};" in lines[0]
 
 
 def test_durations_read_as_a_person_would():
-    assert [common.duration(s) for s in (4.2, 89, 605, 7200 + 300)] == ["4 s", "89 s", "10 min 05 s",
-                                                                        "2 h 05 min"]
+    assert [common.duration(s) for s in (4.2, 89, 605, 7200 + 300)] == [
+        "4 s",
+        "89 s",
+        "10 min 05 s",
+        "2 h 05 min",
+    ]
 
 
 @pytest.mark.slow
 def test_lenet_learns_the_tiny_dataset(data_dir, tmp_path):
-    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "15", "--lr", "0.01"]
+    arguments = [
+        "--device",
+        "cpu",
+        "--data-dir",
+        str(data_dir),
+        "--out-dir",
+        str(tmp_path),
+        "--epochs",
+        "15",
+        "--lr",
+        "0.01",
+    ]
     assert lenet_cpu.main(arguments) == 0
     results = json.loads((tmp_path / "run_001" / "config_1" / "results.json").read_text())
     assert results["final_test_accuracy"] > 60  # chance is 10%
@@ -112,7 +192,16 @@ def test_command_line_error_exits_non_zero(tmp_path):
 
 
 def test_real_cifar10_two_epochs(real_data_dir, tmp_path):
-    arguments = ["--device", "cpu", "--data-dir", str(real_data_dir), "--out-dir", str(tmp_path), "--epochs", "2"]
+    arguments = [
+        "--device",
+        "cpu",
+        "--data-dir",
+        str(real_data_dir),
+        "--out-dir",
+        str(tmp_path),
+        "--epochs",
+        "2",
+    ]
     assert lenet_cpu.main(arguments) == 0
     results = json.loads((tmp_path / "run_001" / "config_1" / "results.json").read_text())
     assert results["final_test_accuracy"] > 20  # 28.8% on the 5,000-image subset; chance is 10%
@@ -120,7 +209,15 @@ def test_real_cifar10_two_epochs(real_data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_dry_run_trains_two_batches_of_one_epoch(data_dir, tmp_path):
-    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--dry-run"]
+    arguments = [
+        "--device",
+        "cpu",
+        "--data-dir",
+        str(data_dir),
+        "--out-dir",
+        str(tmp_path),
+        "--dry-run",
+    ]
     assert lenet_cpu.main(arguments) == 0
     results = json.loads((tmp_path / "run_001" / "config_1" / "results.json").read_text())
     assert len(results["history"]) == 1 and results["environment"]["dry_run"]
@@ -128,9 +225,30 @@ def test_dry_run_trains_two_batches_of_one_epoch(data_dir, tmp_path):
 
 
 def test_the_tutorials_loss_line_every_2000_batches(data_dir, tmp_path, capsys):
-    assert lenet_cpu.main(["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1",
-                           "--log-interval", "10"]) == 0
+    assert (
+        lenet_cpu.main(
+            [
+                "--device",
+                "cpu",
+                "--data-dir",
+                str(data_dir),
+                "--out-dir",
+                str(tmp_path),
+                "--epochs",
+                "1",
+                "--log-interval",
+                "10",
+            ]
+        )
+        == 0
+    )
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[1, ")]
-    assert [line[:9] for line in lines] == ["[1,    10", "[1,    20", "[1,    30", "[1,    40", "[1,    50"]
+    assert [line[:9] for line in lines] == [
+        "[1,    10",
+        "[1,    20",
+        "[1,    30",
+        "[1,    40",
+        "[1,    50",
+    ]
     assert all(re.fullmatch(r"\[1, +\d+\] loss: \d\.\d{3}", line) for line in lines)
     assert common.parse_args("", lenet_cpu.CONFIGS, [], log_interval=2000).log_interval == 2000

@@ -1,4 +1,5 @@
-"""resnet18.py: the network (torchvision's layers), its augmentation and schedules, config 5 end to end."""
+"""resnet18.py: the network (torchvision's layers), its augmentation and schedules, config 5 end to
+end."""
 
 import json
 
@@ -21,7 +22,8 @@ def cifar_torchvision_resnet18():
 def test_saved_weights_load_into_torchvision_with_a_cifar_stem_and_give_the_same_outputs():
     torch.manual_seed(0)
     model = resnet18.ResNet18()
-    for module in model.modules():  # running statistics away from their defaults, so that they count
+    # running statistics away from their defaults, so that they count
+    for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 1.5)
@@ -40,16 +42,28 @@ def test_crops_and_flips_differ_per_image_and_stay_inside_the_padding():
     assert crops.shape == (64, 3, 32, 32)
     found = set()
     for crop in crops:
-        matches = [(top, left, flip) for top in range(9) for left in range(9) for flip in (False, True)
-                   if torch.equal(crop, padded[:, top:top + 32, left:left + 32].flip(2) if flip else
-                                  padded[:, top:top + 32, left:left + 32])]
+        matches = [
+            (top, left, flip)
+            for top in range(9)
+            for left in range(9)
+            for flip in (False, True)
+            if torch.equal(
+                crop,
+                padded[:, top : top + 32, left : left + 32].flip(2)
+                if flip
+                else padded[:, top : top + 32, left : left + 32],
+            )
+        ]
         assert len(matches) >= 1
         found.add(matches[0])
     assert len(found) > 40 and {flip for _, _, flip in found} == {False, True}
 
 
 def learning_rates(config, steps_per_epoch):
-    return [resnet18.get_lr(step, config, steps_per_epoch) for step in range(config["num_epochs"] * steps_per_epoch)]
+    return [
+        resnet18.get_lr(step, config, steps_per_epoch)
+        for step in range(config["num_epochs"] * steps_per_epoch)
+    ]
 
 
 @pytest.mark.parametrize("number", [5, 6])
@@ -59,34 +73,66 @@ def test_modern_schedules_warm_up_then_decay_to_zero(number):
     warmup = config["warmup_epochs"] * 10
     assert rates[0] == pytest.approx(config["lr"] / warmup)
     assert rates[warmup - 1] == pytest.approx(config["lr"]) == max(rates)
-    assert all(a < b for a, b in zip(rates[:warmup - 1], rates[1:warmup]))
-    assert all(a > b for a, b in zip(rates[warmup:], rates[warmup + 1:]))
+    assert all(a < b for a, b in zip(rates[: warmup - 1], rates[1:warmup]))
+    assert all(a > b for a, b in zip(rates[warmup:], rates[warmup + 1 :]))
     assert rates[-1] < config["lr"] / 50
 
 
 def test_step_schedule_halves_every_twenty_epochs():
     rates = learning_rates(resnet18.CONFIGS[6], 3)
-    assert [rates[epoch * 3] for epoch in (0, 19, 20, 39)] == pytest.approx([0.01, 0.01, 0.005, 0.005])
+    assert [rates[epoch * 3] for epoch in (0, 19, 20, 39)] == pytest.approx(
+        [0.01, 0.01, 0.005, 0.005]
+    )
 
 
 @pytest.mark.slow
 def test_modern_config_trains_one_epoch_and_writes_its_outputs(data_dir, tmp_path, capsys):
-    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "5", "--subset", "64",
-                 "--epochs", "1", "--batch-size", "32"]
+    arguments = [
+        "--device",
+        "cpu",
+        "--data-dir",
+        str(data_dir),
+        "--out-dir",
+        str(tmp_path),
+        "--configs",
+        "5",
+        "--subset",
+        "64",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+    ]
     assert resnet18.main(arguments) == 0
     folder = tmp_path / "run_001" / "config_5"
     results = json.loads((folder / "results.json").read_text())
     assert results["status"] == "completed" and len(results["history"]) == 1
     assert 0 <= results["extra"]["flip_tta_test_accuracy"] <= 100
-    cifar_torchvision_resnet18().load_state_dict(torch.load(folder / "model.pth", weights_only=True))
+    cifar_torchvision_resnet18().load_state_dict(
+        torch.load(folder / "model.pth", weights_only=True)
+    )
     assert (folder / "curves.png").exists()
     assert "flip_tta_test_accuracy" in capsys.readouterr().out
 
 
 @pytest.mark.slow
 def test_validation_config_keeps_the_test_set_for_the_end(data_dir, tmp_path):
-    arguments = ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--configs", "6", "--subset", "80",
-                 "--epochs", "1", "--batch-size", "24"]
+    arguments = [
+        "--device",
+        "cpu",
+        "--data-dir",
+        str(data_dir),
+        "--out-dir",
+        str(tmp_path),
+        "--configs",
+        "6",
+        "--subset",
+        "80",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "24",
+    ]
     assert resnet18.main(arguments) == 0
     results = json.loads((tmp_path / "run_001" / "config_6" / "results.json").read_text())
     entry = results["history"][0]
