@@ -94,6 +94,7 @@ def spread(values):
 
 
 def shown(figure, unit):
+    """A figure as mean +- sd, in `unit` ("%" or " points")."""
     if figure["sd"] is None:
         return f"{figure['mean']:.2f}{unit} (one seed: no spread)"
     return f"{figure['mean']:.2f} +- {figure['sd']:.2f}{unit}"
@@ -121,15 +122,11 @@ def summarize(group):
     return summary
 
 
-def main(argv=None):
-    parser = common.OneLineErrorParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or folders of runs")
-    parser.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
-    args = parser.parse_args(argv)
+def summaries(paths):
+    """The summary of every group of completed configs in the run folders `paths` (see run_folders),
+    sorted by script and config; a config left out (not completed) is printed."""
     groups = {}
-    for folder in run_folders(args.runs):
+    for folder in run_folders(paths):
         for path, result in read_results(folder):
             if result["status"] != "completed":
                 print(f"left out: {path} ({result['status']})")
@@ -142,14 +139,24 @@ def main(argv=None):
                         f"({result['environment']['seed']}): name each seed's run once"
                     )
             group.append((path, result))
-    summaries = [summarize(group) for group in groups.values()]
-    summaries.sort(key=lambda s: (s["script"], int(s["names"][0].removeprefix("config_"))))
+    found = [summarize(group) for group in groups.values()]
+    found.sort(key=lambda s: (s["script"], int(s["names"][0].removeprefix("config_"))))
+    return found
+
+
+def main(argv=None):
+    parser = common.OneLineErrorParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or folders of runs")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    found = summaries(args.runs)
     print(
         "mean +- standard deviation over seeds; test accuracy at the last epoch, and at the "
-        "epoch of "
-        "the best validation accuracy where there is a validation split"
+        "epoch of the best validation accuracy where there is a validation split"
     )
-    for summary in summaries:
+    for summary in found:
         seeds = ", ".join(map(str, summary["seeds"]))
         line = (
             f"{summary['script']} {'/'.join(summary['names'])} {summary['config']} "
@@ -164,7 +171,7 @@ def main(argv=None):
             line += f" | train-test gap {shown(summary['train_test_gap'], ' points')}"
         print(line)
     if args.json:
-        common.write_json(Path(args.json), summaries)
+        common.write_json(Path(args.json), found)
         print(f"written: {args.json}")
     return 0
 

@@ -140,6 +140,12 @@ def time_lenet_steps(monkeypatch, seconds_of_call):
     monkeypatch.setattr(lenet_cpu.Net, "forward", timed_forward)
 
 
+def on_cpu(data_dir, out_dir, *more):
+    """A script's command line on the CPU, with the data in `data_dir`, the runs in `out_dir`, then
+    `more`."""
+    return ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(out_dir), *more]
+
+
 def new_run(script, arguments, data_parallel=False):
     """common.Run of a script named `script` with parsed `arguments`, LeNet's normalization, no
     short run."""

@@ -9,20 +9,16 @@ import pytest
 import common
 import error_bars
 import l2_regularization
-from conftest import run_script
+from conftest import on_cpu, run_script
 
 
 def train_seeds(data_dir, out_dir, seeds, *extra):
     """l2_regularization.py configs 1 and 5, 3 epochs, a validation split, once per seed: the run
     folders."""
     for seed in seeds:
-        arguments = [
-            "--device",
-            "cpu",
-            "--data-dir",
-            str(data_dir),
-            "--out-dir",
-            str(out_dir),
+        arguments = on_cpu(
+            data_dir,
+            out_dir,
             "--configs",
             "1",
             "5",
@@ -35,7 +31,7 @@ def train_seeds(data_dir, out_dir, seeds, *extra):
             "--seed",
             str(seed),
             *extra,
-        ]
+        )
         assert l2_regularization.main(arguments) == 0
     return sorted(out_dir.glob("run_*"))
 

@@ -17,7 +17,7 @@ import l2_regularization
 import lenet_cpu
 import lenet_multigpu
 import resnet18
-from conftest import interrupt_after_epochs, new_run, run_script, time_lenet_steps
+from conftest import interrupt_after_epochs, new_run, on_cpu, run_script, time_lenet_steps
 from test_interruptions import interrupted_run
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -87,19 +87,7 @@ def test_lenet_scripts_train_in_fp32_without_autocast(data_dir, tmp_path, monkey
     monkeypatch.setattr(torch, "autocast", Autocast)
     for number, script in enumerate((lenet_multigpu, l2_regularization, dropout_regularization)):
         assert (
-            script.main(
-                [
-                    "--configs",
-                    "4",
-                    "--dry-run",
-                    "--device",
-                    "cpu",
-                    "--data-dir",
-                    str(data_dir),
-                    "--out-dir",
-                    str(tmp_path / str(number)),
-                ]
-            )
+            script.main([*on_cpu(data_dir, tmp_path / str(number), "--configs", "4", "--dry-run")])
             == 0
         )
     assert entered == []
@@ -191,13 +179,9 @@ def test_resnet_in_fp16_trains_with_a_grad_scaler_and_resumes_its_state(
     """The fp16 path of a GPU without native bf16, run on the CPU (which computes fp16 autocast
     too)."""
     monkeypatch.setattr(resnet18, "compute_dtype", lambda device: torch.float16)
-    arguments = [
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--out-dir",
-        str(tmp_path),
+    arguments = on_cpu(
+        data_dir,
+        tmp_path,
         "--configs",
         "5",
         "--subset",
@@ -206,7 +190,7 @@ def test_resnet_in_fp16_trains_with_a_grad_scaler_and_resumes_its_state(
         "16",
         "--epochs",
         "2",
-    ]
+    )
     interrupt_after_epochs(monkeypatch, 1)
     with pytest.raises(SystemExit):
         common.run_main(lambda: resnet18.main(arguments))
@@ -238,16 +222,14 @@ def test_lenet_scripts_compile_with_cuda_graphs_on_a_gpu_only(data_dir, tmp_path
         assert (
             script.main(
                 [
-                    "--device",
-                    "cpu",
-                    "--configs",
-                    config,
-                    "--dry-run",
-                    "--compile",
-                    "--data-dir",
-                    str(data_dir),
-                    "--out-dir",
-                    str(tmp_path / str(number)),
+                    *on_cpu(
+                        data_dir,
+                        tmp_path / str(number),
+                        "--configs",
+                        config,
+                        "--dry-run",
+                        "--compile",
+                    )
                 ]
             )
             == 0
@@ -270,17 +252,7 @@ def test_lenet_scripts_step_with_sgds_fused_kernel(data_dir, tmp_path, monkeypat
     for number, (script, config) in enumerate(LENET_SCRIPTS):
         assert (
             script.main(
-                [
-                    "--device",
-                    "cpu",
-                    "--configs",
-                    config,
-                    "--dry-run",
-                    "--data-dir",
-                    str(data_dir),
-                    "--out-dir",
-                    str(tmp_path / str(number)),
-                ]
+                [*on_cpu(data_dir, tmp_path / str(number), "--configs", config, "--dry-run")]
             )
             == 0
         )
@@ -298,16 +270,7 @@ def test_checkpoints_are_written_off_the_training_thread(data_dir, tmp_path, mon
         save_torch(path, data)
 
     monkeypatch.setattr(common, "save_torch", recording_save_torch)
-    arguments = [
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--out-dir",
-        str(tmp_path),
-        "--epochs",
-        "3",
-    ]
+    arguments = on_cpu(data_dir, tmp_path, "--epochs", "3")
     assert lenet_cpu.main(arguments) == 0
     assert writers == [("checkpoint.pt", False)] * 3 + [("model.pth", True)]
     folder = tmp_path / "run_001" / "config_1"
@@ -328,16 +291,7 @@ def test_a_checkpoint_that_cannot_be_written_ends_the_run_with_the_epoch_before_
         save_torch(path, data)
 
     monkeypatch.setattr(common, "save_torch", full_disk_on_the_second)
-    arguments = [
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--out-dir",
-        str(tmp_path),
-        "--epochs",
-        "3",
-    ]
+    arguments = on_cpu(data_dir, tmp_path, "--epochs", "3")
     with pytest.raises(common.ExperimentError, match="No space left"):
         lenet_cpu.main(arguments)
     folder = tmp_path / "run_001" / "config_1"
@@ -350,21 +304,7 @@ def test_the_warm_up_of_the_first_steps_is_timed_apart(data_dir, tmp_path, monke
     in for them."""
     # the first step: 1000 s, others 1 s
     time_lenet_steps(monkeypatch, lambda call: 1000.0 if call == 0 else 1.0)
-    assert (
-        lenet_cpu.main(
-            [
-                "--device",
-                "cpu",
-                "--data-dir",
-                str(data_dir),
-                "--out-dir",
-                str(tmp_path),
-                "--epochs",
-                "2",
-            ]
-        )
-        == 0
-    )
+    assert lenet_cpu.main(on_cpu(data_dir, tmp_path, "--epochs", "2")) == 0
     results = json.loads((tmp_path / "run_001" / "config_1" / "results.json").read_text())
     first, second = results["history"]
     steps = 200 // 4  # 200 training images, batch 4

@@ -14,7 +14,7 @@ import torch.optim as optim
 
 import common
 import lenet_cpu
-from conftest import ROOT, new_run
+from conftest import ROOT, new_run, on_cpu
 
 
 def history(folder):
@@ -99,16 +99,7 @@ def test_two_quick_ctrl_c_end_with_one_message(data_dir, tmp_path):
     command = [
         sys.executable,
         "lenet_cpu.py",
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--epochs",
-        "60",
-        "--log-interval",
-        "0",
-        "--out-dir",
-        str(tmp_path),
+        *on_cpu(data_dir, tmp_path, "--epochs", "60", "--log-interval", "0"),
     ]
     process = subprocess.Popen(
         command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -123,16 +114,7 @@ def test_two_quick_ctrl_c_end_with_one_message(data_dir, tmp_path):
 
 
 def test_resume_skips_finished_configs_and_refuses_changed_ones(data_dir, tmp_path, capsys):
-    arguments = [
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--out-dir",
-        str(tmp_path),
-        "--epochs",
-        "1",
-    ]
+    arguments = on_cpu(data_dir, tmp_path, "--epochs", "1")
     assert lenet_cpu.main(arguments) == 0
     before = (tmp_path / "run_001" / "config_1" / "model.pth").read_bytes()
     assert lenet_cpu.main([*arguments, "--resume"]) == 0
@@ -181,10 +163,8 @@ def test_diverging_config_is_marked_and_the_next_one_runs(data_dir, tmp_path, ca
     assert run.finish() == 1
     assert trained_epochs == [("config_1", 0), ("config_2", 0)]  # no epoch after the divergence
     error = capsys.readouterr().err
-    assert (
-        "config_1 diverged: the training loss is nan in epoch 1; try a lower learning rate than "
-        "1000000.0" in error
-    )
+    # the facts: which config, that it diverged, where, and the lr to lower
+    assert "config_1 diverged" in error and "nan in epoch 1" in error and "1000000.0" in error
     run_dir = tmp_path / "run_001"
 
     def no_nan(text):
@@ -198,16 +178,7 @@ def test_diverging_config_is_marked_and_the_next_one_runs(data_dir, tmp_path, ca
 
 
 def test_ctrl_c_after_the_last_epoch_says_what_is_saved(data_dir, tmp_path, monkeypatch, capsys):
-    arguments = [
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--out-dir",
-        str(tmp_path),
-        "--epochs",
-        "1",
-    ]
+    arguments = on_cpu(data_dir, tmp_path, "--epochs", "1")
 
     def interrupted_summary(result):
         raise KeyboardInterrupt
@@ -233,13 +204,9 @@ def test_ctrl_c_in_the_final_evaluation_keeps_the_epochs_for_resume(
 ):
     import resnet18
 
-    arguments = [
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--out-dir",
-        str(tmp_path),
+    arguments = on_cpu(
+        data_dir,
+        tmp_path,
         "--configs",
         "5",
         "--subset",
@@ -248,7 +215,7 @@ def test_ctrl_c_in_the_final_evaluation_keeps_the_epochs_for_resume(
         "1",
         "--batch-size",
         "32",
-    ]
+    )
 
     def interrupted_tta(model, batches):
         raise KeyboardInterrupt
@@ -271,16 +238,7 @@ def test_ctrl_c_in_the_final_evaluation_keeps_the_epochs_for_resume(
 def interrupted_run(data_dir, tmp_path):
     """A finished one-epoch lenet_cpu run made to look interrupted after its epoch: its arguments
     and folder."""
-    arguments = [
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--out-dir",
-        str(tmp_path),
-        "--epochs",
-        "1",
-    ]
+    arguments = on_cpu(data_dir, tmp_path, "--epochs", "1")
     assert lenet_cpu.main(arguments) == 0
     folder = tmp_path / "run_001" / "config_1"
     results = json.loads((folder / "results.json").read_text())
@@ -351,16 +309,7 @@ def test_damaged_run_files_stop_resume_with_one_line_and_change_nothing(damage, 
 
 @pytest.mark.slow
 def test_completed_config_without_its_weights_is_a_clear_error(data_dir, tmp_path):
-    arguments = [
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--out-dir",
-        str(tmp_path),
-        "--epochs",
-        "1",
-    ]
+    arguments = on_cpu(data_dir, tmp_path, "--epochs", "1")
     assert lenet_cpu.main(arguments) == 0
     (tmp_path / "run_001" / "config_1" / "model.pth").unlink()
     with pytest.raises(common.ExperimentError, match="model.pth: it is missing"):

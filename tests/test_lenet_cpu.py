@@ -8,7 +8,7 @@ import torch
 
 import common
 import lenet_cpu
-from conftest import run_script, time_lenet_steps
+from conftest import on_cpu, run_script, time_lenet_steps
 
 
 def test_net_is_the_tutorial_lenet():
@@ -19,16 +19,7 @@ def test_net_is_the_tutorial_lenet():
 
 @pytest.mark.slow
 def test_run_writes_results_and_never_overwrites(data_dir, tmp_path, capsys):
-    arguments = [
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--out-dir",
-        str(tmp_path),
-        "--epochs",
-        "1",
-    ]
+    arguments = on_cpu(data_dir, tmp_path, "--epochs", "1")
     assert lenet_cpu.main(arguments) == 0
     output = capsys.readouterr().out
     assert re.search(
@@ -93,28 +84,14 @@ def test_the_report_is_compared_only_for_its_own_config_at_its_precision(
     points = results["versus_report"]["test_accuracy_points"]
     assert points == round(results["final_test_accuracy"] - 60) and points == int(points)
     output = capsys.readouterr().out
-    assert f"| report: 60% ({points:+.0f} points" in output and "60.00%" not in output
+    assert f"| report: 60% ({points:+.0f} point" in output and "60.00%" not in output
 
 
 def test_a_long_cpu_run_says_so_early_with_how_to_shorten_it(
     data_dir, tmp_path, monkeypatch, capsys
 ):
     time_lenet_steps(monkeypatch, lambda call: 10.0)  # every step seems to take seconds
-    assert (
-        lenet_cpu.main(
-            [
-                "--device",
-                "cpu",
-                "--data-dir",
-                str(data_dir),
-                "--out-dir",
-                str(tmp_path),
-                "--epochs",
-                "2",
-            ]
-        )
-        == 0
-    )
+    assert lenet_cpu.main(on_cpu(data_dir, tmp_path, "--epochs", "2")) == 0
     lines = capsys.readouterr().out.splitlines()
     estimates = [line for line in lines if line.startswith("at this pace its training alone takes")]
     assert len(estimates) == 1 and "--subset" in estimates[0]
@@ -133,21 +110,7 @@ def test_the_estimate_leaves_the_slow_warm_up_steps_out(
     time_lenet_steps(
         monkeypatch, lambda call: 1000.0 if call < common.WARMUP_STEPS else seconds_per_step
     )
-    assert (
-        lenet_cpu.main(
-            [
-                "--device",
-                "cpu",
-                "--data-dir",
-                str(data_dir),
-                "--out-dir",
-                str(tmp_path),
-                "--epochs",
-                "2",
-            ]
-        )
-        == 0
-    )
+    assert lenet_cpu.main(on_cpu(data_dir, tmp_path, "--epochs", "2")) == 0
     lines = [
         line for line in capsys.readouterr().out.splitlines() if line.startswith("at this pace")
     ]
@@ -167,18 +130,7 @@ def test_durations_read_as_a_person_would():
 
 @pytest.mark.slow
 def test_lenet_learns_the_tiny_dataset(data_dir, tmp_path):
-    arguments = [
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--out-dir",
-        str(tmp_path),
-        "--epochs",
-        "15",
-        "--lr",
-        "0.01",
-    ]
+    arguments = on_cpu(data_dir, tmp_path, "--epochs", "15", "--lr", "0.01")
     assert lenet_cpu.main(arguments) == 0
     results = json.loads((tmp_path / "run_001" / "config_1" / "results.json").read_text())
     assert results["final_test_accuracy"] > 60  # chance is 10%
@@ -192,16 +144,7 @@ def test_command_line_error_exits_non_zero(tmp_path):
 
 
 def test_real_cifar10_two_epochs(real_data_dir, tmp_path):
-    arguments = [
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(real_data_dir),
-        "--out-dir",
-        str(tmp_path),
-        "--epochs",
-        "2",
-    ]
+    arguments = on_cpu(real_data_dir, tmp_path, "--epochs", "2")
     assert lenet_cpu.main(arguments) == 0
     results = json.loads((tmp_path / "run_001" / "config_1" / "results.json").read_text())
     assert results["final_test_accuracy"] > 20  # 28.8% on the 5,000-image subset; chance is 10%
@@ -209,15 +152,7 @@ def test_real_cifar10_two_epochs(real_data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_dry_run_trains_two_batches_of_one_epoch(data_dir, tmp_path):
-    arguments = [
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--out-dir",
-        str(tmp_path),
-        "--dry-run",
-    ]
+    arguments = on_cpu(data_dir, tmp_path, "--dry-run")
     assert lenet_cpu.main(arguments) == 0
     results = json.loads((tmp_path / "run_001" / "config_1" / "results.json").read_text())
     assert len(results["history"]) == 1 and results["environment"]["dry_run"]
@@ -225,23 +160,7 @@ def test_dry_run_trains_two_batches_of_one_epoch(data_dir, tmp_path):
 
 
 def test_the_tutorials_loss_line_every_2000_batches(data_dir, tmp_path, capsys):
-    assert (
-        lenet_cpu.main(
-            [
-                "--device",
-                "cpu",
-                "--data-dir",
-                str(data_dir),
-                "--out-dir",
-                str(tmp_path),
-                "--epochs",
-                "1",
-                "--log-interval",
-                "10",
-            ]
-        )
-        == 0
-    )
+    assert lenet_cpu.main(on_cpu(data_dir, tmp_path, "--epochs", "1", "--log-interval", "10")) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[1, ")]
     assert [line[:9] for line in lines] == [
         "[1,    10",

@@ -10,6 +10,7 @@ import dropout_regularization
 import l2_regularization
 import lenet_multigpu
 from lenet_cpu import Net
+from conftest import on_cpu
 
 
 @pytest.mark.parametrize(
@@ -28,21 +29,9 @@ def read_results(folder, name):
 
 @pytest.mark.slow
 def test_multigpu_runs_configs_and_overlays_their_curves(data_dir, tmp_path, capsys):
-    arguments = [
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--out-dir",
-        str(tmp_path),
-        "--configs",
-        "3",
-        "10",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "32",
-    ]
+    arguments = on_cpu(
+        data_dir, tmp_path, "--configs", "3", "10", "--epochs", "1", "--batch-size", "32"
+    )
     assert lenet_multigpu.main(arguments) == 0
     run = tmp_path / "run_001"
     assert (run / "test_accuracy.png").exists()
@@ -64,21 +53,9 @@ def test_multigpu_runs_configs_and_overlays_their_curves(data_dir, tmp_path, cap
 )
 @pytest.mark.slow
 def test_regularization_script_reports_the_gap(script, key, data_dir, tmp_path, capsys):
-    arguments = [
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--out-dir",
-        str(tmp_path),
-        "--configs",
-        "1",
-        "2",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "16",
-    ]
+    arguments = on_cpu(
+        data_dir, tmp_path, "--configs", "1", "2", "--epochs", "2", "--batch-size", "16"
+    )
     assert script.main(arguments) == 0
     run = tmp_path / "run_001"
     assert (run / "train_vs_test.png").exists() and (run / "test_accuracy.png").exists()
@@ -100,13 +77,9 @@ def test_regularization_script_reports_the_gap(script, key, data_dir, tmp_path, 
 
 @pytest.mark.slow
 def test_l2_script_leaves_smaller_weights(data_dir, tmp_path):
-    arguments = [
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--out-dir",
-        str(tmp_path),
+    arguments = on_cpu(
+        data_dir,
+        tmp_path,
         "--configs",
         "1",
         "5",
@@ -116,7 +89,7 @@ def test_l2_script_leaves_smaller_weights(data_dir, tmp_path):
         "16",
         "--lr",
         "0.05",
-    ]
+    )
     assert l2_regularization.main(arguments) == 0
     control, decayed = (
         read_results(tmp_path / "run_001", n)["extra"]["weight_norm"]

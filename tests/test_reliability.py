@@ -15,7 +15,7 @@ import torch
 import common
 import lenet_cpu
 import lenet_multigpu
-from conftest import ROOT, interrupt_after_epochs, run_script, write_cifar10
+from conftest import ROOT, interrupt_after_epochs, on_cpu, run_script, write_cifar10
 from test_common import RunsCode
 from test_interruptions import interrupted_run, wait_for_epochs
 
@@ -48,39 +48,14 @@ def test_weights_that_would_run_code_are_refused_by_evaluate(data_dir, tmp_path)
 def test_resume_continues_the_interrupted_run_after_another_one(
     data_dir, tmp_path, monkeypatch, capsys
 ):
-    arguments = [
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--out-dir",
-        str(tmp_path),
-        "--configs",
-        "4",
-        "--epochs",
-        "4",
-    ]
+    arguments = on_cpu(data_dir, tmp_path, "--configs", "4", "--epochs", "4")
     interrupt_after_epochs(monkeypatch, 2)
     with pytest.raises(SystemExit):
         common.run_main(lambda: lenet_multigpu.main(arguments))
     assert capsys.readouterr().err.strip().endswith("--resume run_001")
     monkeypatch.undo()
     assert (
-        lenet_multigpu.main(
-            [
-                "--device",
-                "cpu",
-                "--data-dir",
-                str(data_dir),
-                "--out-dir",
-                str(tmp_path),
-                "--configs",
-                "7",
-                "--epochs",
-                "1",
-            ]
-        )
-        == 0
+        lenet_multigpu.main(on_cpu(data_dir, tmp_path, "--configs", "7", "--epochs", "1")) == 0
     )  # another run in between: run_002
     before = {
         path: path.read_bytes() for path in (tmp_path / "run_002").rglob("*") if path.is_file()
@@ -102,16 +77,7 @@ def test_resume_continues_the_interrupted_run_after_another_one(
 
 
 def test_resume_of_a_run_that_is_not_there_names_the_runs_that_are(data_dir, tmp_path):
-    arguments = [
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--out-dir",
-        str(tmp_path),
-        "--epochs",
-        "1",
-    ]
+    arguments = on_cpu(data_dir, tmp_path, "--epochs", "1")
     assert lenet_cpu.main(arguments) == 0
     (tmp_path / "run_009").write_text("a file, not a run")
     with pytest.raises(
@@ -141,16 +107,7 @@ def test_resume_with_other_settings_is_refused_naming_the_difference(
 
 @pytest.mark.slow
 def test_summary_lists_every_config_the_run_folder_holds(data_dir, tmp_path):
-    arguments = [
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--out-dir",
-        str(tmp_path),
-        "--epochs",
-        "1",
-    ]
+    arguments = on_cpu(data_dir, tmp_path, "--epochs", "1")
     assert lenet_multigpu.main([*arguments, "--configs", "5", "7"]) == 0
     assert lenet_multigpu.main([*arguments, "--configs", "5", "--resume"]) == 0
     summary = json.loads((tmp_path / "run_001" / "summary.json").read_text())
@@ -163,16 +120,7 @@ def test_a_run_in_use_is_refused_naming_its_process(data_dir, tmp_path):
     command = [
         sys.executable,
         "lenet_cpu.py",
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--epochs",
-        "60",
-        "--log-interval",
-        "0",
-        "--out-dir",
-        str(tmp_path),
+        *on_cpu(data_dir, tmp_path, "--epochs", "60", "--log-interval", "0"),
     ]
     process = subprocess.Popen(
         command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
@@ -182,19 +130,7 @@ def test_a_run_in_use_is_refused_naming_its_process(data_dir, tmp_path):
         with pytest.raises(
             common.ExperimentError, match=f"run_001 is in use by process {process.pid}"
         ):
-            lenet_cpu.main(
-                [
-                    "--device",
-                    "cpu",
-                    "--data-dir",
-                    str(data_dir),
-                    "--epochs",
-                    "60",
-                    "--out-dir",
-                    str(tmp_path),
-                    "--resume",
-                ]
-            )
+            lenet_cpu.main([*on_cpu(data_dir, tmp_path, "--epochs", "60", "--resume")])
     finally:
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=60)
@@ -205,16 +141,7 @@ def test_a_closed_output_stops_the_run_as_an_interruption(data_dir, tmp_path):
     command = [
         sys.executable,
         "lenet_cpu.py",
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--epochs",
-        "60",
-        "--log-interval",
-        "0",
-        "--out-dir",
-        str(tmp_path),
+        *on_cpu(data_dir, tmp_path, "--epochs", "60", "--log-interval", "0"),
     ]
     process = subprocess.Popen(
         command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -237,20 +164,7 @@ def test_a_full_disk_ends_with_the_file_its_cause_and_the_resume_line(
 ):
     full_disk_on_the_nth(monkeypatch, "checkpoint.pt", 2)
     with pytest.raises(SystemExit) as exit:
-        common.run_main(
-            lambda: lenet_cpu.main(
-                [
-                    "--device",
-                    "cpu",
-                    "--data-dir",
-                    str(data_dir),
-                    "--out-dir",
-                    str(tmp_path),
-                    "--epochs",
-                    "3",
-                ]
-            )
-        )
+        common.run_main(lambda: lenet_cpu.main(on_cpu(data_dir, tmp_path, "--epochs", "3")))
     error, resume = capsys.readouterr().err.strip().splitlines()
     folder = tmp_path / "run_001" / "config_1"
     assert (

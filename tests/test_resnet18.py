@@ -10,6 +10,7 @@ import torchvision
 
 import common
 import resnet18
+from conftest import on_cpu
 
 
 def cifar_torchvision_resnet18():
@@ -87,13 +88,9 @@ def test_step_schedule_halves_every_twenty_epochs():
 
 @pytest.mark.slow
 def test_modern_config_trains_one_epoch_and_writes_its_outputs(data_dir, tmp_path, capsys):
-    arguments = [
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--out-dir",
-        str(tmp_path),
+    arguments = on_cpu(
+        data_dir,
+        tmp_path,
         "--configs",
         "5",
         "--subset",
@@ -102,7 +99,7 @@ def test_modern_config_trains_one_epoch_and_writes_its_outputs(data_dir, tmp_pat
         "1",
         "--batch-size",
         "32",
-    ]
+    )
     assert resnet18.main(arguments) == 0
     folder = tmp_path / "run_001" / "config_5"
     results = json.loads((folder / "results.json").read_text())
@@ -117,13 +114,9 @@ def test_modern_config_trains_one_epoch_and_writes_its_outputs(data_dir, tmp_pat
 
 @pytest.mark.slow
 def test_validation_config_keeps_the_test_set_for_the_end(data_dir, tmp_path):
-    arguments = [
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--out-dir",
-        str(tmp_path),
+    arguments = on_cpu(
+        data_dir,
+        tmp_path,
         "--configs",
         "6",
         "--subset",
@@ -132,7 +125,7 @@ def test_validation_config_keeps_the_test_set_for_the_end(data_dir, tmp_path):
         "1",
         "--batch-size",
         "24",
-    ]
+    )
     assert resnet18.main(arguments) == 0
     results = json.loads((tmp_path / "run_001" / "config_6" / "results.json").read_text())
     entry = results["history"][0]

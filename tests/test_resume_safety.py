@@ -16,7 +16,7 @@ import pytest
 import common
 import dropout_regularization
 import lenet_cpu
-from conftest import ROOT, interrupt_after_epochs, run_script
+from conftest import ROOT, interrupt_after_epochs, on_cpu, run_script
 from test_interruptions import interrupted_run, wait_for_epochs
 from test_reliability import full_disk_on_the_nth
 
@@ -48,16 +48,7 @@ def test_resume_refuses_a_folder_that_is_not_a_run_and_writes_nothing(
     out = tmp_path / "out"
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "notes.txt").write_text("someone's files")
-    arguments = [
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--out-dir",
-        str(out),
-        "--epochs",
-        "1",
-    ]
+    arguments = on_cpu(data_dir, out, "--epochs", "1")
     assert lenet_cpu.main(arguments) == 0
     before = files_in(tmp_path)
     monkeypatch.chdir(out)
@@ -108,16 +99,7 @@ def test_resume_notices_other_images_with_the_same_labels(data_dir, tmp_path):
 @pytest.mark.slow
 def test_resume_refuses_a_run_of_another_script(data_dir, tmp_path):
     """lenet_cpu.py --resume into a dropout run once added its config_1 to it."""
-    common_arguments = [
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--out-dir",
-        str(tmp_path),
-        "--epochs",
-        "1",
-    ]
+    common_arguments = on_cpu(data_dir, tmp_path, "--epochs", "1")
     assert dropout_regularization.main([*common_arguments, "--configs", "2"]) == 0
     before = files_in(tmp_path)
     with pytest.raises(
@@ -138,16 +120,7 @@ def test_resume_refuses_a_run_of_another_script(data_dir, tmp_path):
 def test_a_full_disk_after_the_last_epoch_prints_the_resume_line_and_resume_finishes(
     name, data_dir, tmp_path, monkeypatch, capsys
 ):
-    arguments = [
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--out-dir",
-        str(tmp_path),
-        "--epochs",
-        "2",
-    ]
+    arguments = on_cpu(data_dir, tmp_path, "--epochs", "2")
     full_disk_on_the_nth(monkeypatch, name, 1)
     with pytest.raises(SystemExit) as exit:
         common.run_main(lambda: lenet_cpu.main(arguments))
@@ -201,16 +174,7 @@ def test_a_bad_matplotlib_backend_is_one_line_before_any_training(data_dir, tmp_
 
 @pytest.mark.slow
 def test_a_results_file_lacking_a_key_is_one_line_on_resume(data_dir, tmp_path):
-    arguments = [
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--out-dir",
-        str(tmp_path),
-        "--epochs",
-        "1",
-    ]
+    arguments = on_cpu(data_dir, tmp_path, "--epochs", "1")
     assert dropout_regularization.main([*arguments, "--configs", "1", "2"]) == 0
     results_file = tmp_path / "run_001" / "config_1" / "results.json"
     results = json.loads(results_file.read_text())
@@ -335,20 +299,7 @@ def test_ctrl_c_during_a_write_leaves_no_temporary_file(data_dir, tmp_path, monk
 
     monkeypatch.setattr(common, "_write_bytes", interrupted_midway)
     with pytest.raises(SystemExit):
-        common.run_main(
-            lambda: lenet_cpu.main(
-                [
-                    "--device",
-                    "cpu",
-                    "--data-dir",
-                    str(data_dir),
-                    "--out-dir",
-                    str(tmp_path),
-                    "--epochs",
-                    "1",
-                ]
-            )
-        )
+        common.run_main(lambda: lenet_cpu.main(on_cpu(data_dir, tmp_path, "--epochs", "1")))
     assert not [path for path in tmp_path.rglob("*") if path.name.endswith(".tmp")]
 
 
@@ -362,36 +313,14 @@ def test_a_run_stopped_before_its_first_epoch_leaves_no_folder(
 
     monkeypatch.setattr(common.EpochMeter, "add", stop_at_the_first_step)
     with pytest.raises(SystemExit) as exit:
-        common.run_main(
-            lambda: lenet_cpu.main(
-                [
-                    "--device",
-                    "cpu",
-                    "--data-dir",
-                    str(data_dir),
-                    "--out-dir",
-                    str(tmp_path),
-                    "--epochs",
-                    "1",
-                ]
-            )
-        )
+        common.run_main(lambda: lenet_cpu.main(on_cpu(data_dir, tmp_path, "--epochs", "1")))
     assert exit.value.code == 130 and "nothing was saved" in capsys.readouterr().err
     assert not list(tmp_path.glob("run_*"))
 
 
 @pytest.mark.slow
 def test_resuming_an_old_completed_run_leaves_latest_at_the_newest(data_dir, tmp_path):
-    arguments = [
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--out-dir",
-        str(tmp_path),
-        "--epochs",
-        "1",
-    ]
+    arguments = on_cpu(data_dir, tmp_path, "--epochs", "1")
     assert lenet_cpu.main(arguments) == 0
     assert lenet_cpu.main(arguments) == 0
     assert lenet_cpu.main([*arguments, "--resume", "run_001"]) == 0
@@ -406,16 +335,7 @@ def test_sighup_stops_the_run_like_sigterm(data_dir, tmp_path):
         [
             sys.executable,
             "lenet_cpu.py",
-            "--device",
-            "cpu",
-            "--data-dir",
-            str(data_dir),
-            "--epochs",
-            "60",
-            "--log-interval",
-            "0",
-            "--out-dir",
-            str(tmp_path),
+            *on_cpu(data_dir, tmp_path, "--epochs", "60", "--log-interval", "0"),
         ],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
@@ -435,18 +355,7 @@ def test_a_loss_that_blows_up_without_becoming_nan_is_divergence(
 ):
     """lr 10 once ended `completed` at chance accuracy with a training loss of 1.4e18."""
     monkeypatch.setattr(common.EpochMeter, "add", blown_up_add(common.EpochMeter.add))
-    status = lenet_cpu.main(
-        [
-            "--device",
-            "cpu",
-            "--data-dir",
-            str(data_dir),
-            "--out-dir",
-            str(tmp_path),
-            "--epochs",
-            "3",
-        ]
-    )
+    status = lenet_cpu.main(on_cpu(data_dir, tmp_path, "--epochs", "3"))
     results = json.loads((tmp_path / "run_001" / "config_1" / "results.json").read_text())
     assert status == 1 and results["status"] == "diverged" and len(results["history"]) == 1
     assert "diverged: the training loss is 1.4e+18 in epoch 1" in capsys.readouterr().err
