@@ -1009,7 +1009,8 @@ def summary_line(result):
         )
         if "time_ratio" in versus:
             line += f", {reported['train_seconds']:.2f} s on {reported['device']} "
-            line += f"(ours {versus['time_ratio']:.2f}x)"
+            # ours: the steps alone, on data in memory; what the report's seconds include is unknown
+            line += f"(ours {versus['time_ratio']:.2f}x, steps only; the report's scope unknown)"
     elif result.get("not_compared"):
         line += f" | not compared with the report: {result['not_compared']}"
     return line

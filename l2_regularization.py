@@ -92,19 +92,20 @@ def main(argv=None):
             if args.compile:
                 model = torch.compile(model, mode=common.lenet_compile_mode(run.device))
             criterion = nn.CrossEntropyLoss()
+            # fused: the same update rule, in one kernel
             optimizer = optim.SGD(
                 model.parameters(),
                 lr=config["lr"],
                 momentum=config["momentum"],
                 weight_decay=config["weight_decay"],  # the L2 penalty
                 fused=True,
-            )  # the same update rule in one kernel
+            )
             train_batches = run.batches(train_split, config["batch_size"], train=True)
             record = common.Record(run, name, config, validation=val_batches is not None)
             # what every checkpoint saves; with --resume, loaded from the last one
             start = record.resume(model, optimizer)
             for epoch in range(start, config["num_epochs"]):
-                # a resume draws alike
+                # this epoch's random draws: the same in a resumed run
                 torch.manual_seed(common.epoch_seed(args.seed, epoch, "draws"))
                 meter = record.meter(epoch, train_batches.steps)
                 started = common.clock(run.device)
@@ -120,14 +121,14 @@ def main(argv=None):
                 # recorded beside the test accuracy: error_bars.py picks an epoch by it
                 if val_batches:
                     accuracies["val_accuracy"] = common.evaluate(model, val_batches)
-                if not record.add_epoch(
-                    meter, ended - timed_from, timed_from - started, **accuracies
-                ):
+                seconds = ended - timed_from
+                warmup_seconds = timed_from - started
+                if not record.add_epoch(meter, seconds, warmup_seconds, **accuracies):
                     break  # diverged
             if record.status == "running":  # every epoch trained
                 record.finish(test_batches, weight_norm=round(weight_norm(model), 3))
-            seconds = record.result["train_seconds"]
-            print(f"{name}: Training time: {seconds:.2f} seconds (its epochs' training steps)")
+            train_seconds = record.result["train_seconds"]
+            print(f"{name}: Training time: {train_seconds:.2f} seconds (its epochs' steps)")
         return run.finish(compare_key="weight_decay")
 
 

@@ -104,15 +104,16 @@ def main(argv=None):
             if args.compile:
                 model = torch.compile(model, mode=common.lenet_compile_mode(run.device))
             criterion = nn.CrossEntropyLoss()
+            # fused: the same update rule, in one kernel
             optimizer = optim.SGD(
                 model.parameters(), lr=config["lr"], momentum=config["momentum"], fused=True
-            )  # the same update rule in one kernel
+            )
             train_batches = run.batches(data.train, config["batch_size"], train=True)
             record = common.Record(run, name, config, reported=REPORTED.get(name))
             # what every checkpoint saves; with --resume, loaded from the last one
             start = record.resume(model, optimizer)
             for epoch in range(start, config["num_epochs"]):
-                # a resume draws alike
+                # this epoch's random draws: the same in a resumed run
                 torch.manual_seed(common.epoch_seed(args.seed, epoch, "draws"))
                 meter = record.meter(epoch, train_batches.steps)
                 started = common.clock(run.device)
@@ -121,10 +122,10 @@ def main(argv=None):
                 # the training time: from the end of a process's first 3 steps (warm-up), if any
                 timed_from = started if meter.warmup_end is None else meter.warmup_end
                 model.eval()
-                test_accuracy = common.evaluate(model, test_batches)
-                if not record.add_epoch(
-                    meter, ended - timed_from, timed_from - started, test_accuracy=test_accuracy
-                ):
+                accuracy = common.evaluate(model, test_batches)
+                seconds = ended - timed_from
+                warmup_seconds = timed_from - started
+                if not record.add_epoch(meter, seconds, warmup_seconds, test_accuracy=accuracy):
                     break  # diverged
             if record.status == "running":  # every epoch trained
                 record.finish(test_batches)  # final figures, confusion matrix, model.pth

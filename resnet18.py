@@ -338,15 +338,15 @@ def main(argv=None):
                     accuracies = {"val_accuracy": common.evaluate(model, val_batches)}
                 else:
                     accuracies = {"test_accuracy": common.evaluate(model, test_batches)}
-                if not record.add_epoch(
-                    meter, ended - timed_from, timed_from - started, **accuracies
-                ):
+                seconds = ended - timed_from
+                warmup_seconds = timed_from - started
+                if not record.add_epoch(meter, seconds, warmup_seconds, **accuracies):
                     break  # diverged
             if record.status == "running":  # every epoch trained
                 tta = round(flip_tta_accuracy(model.eval(), test_batches), 2)
                 record.finish(test_batches, flip_tta_test_accuracy=tta)
-            seconds = record.result["train_seconds"]
-            print(f"{name}: Training time: {seconds:.2f} seconds (its epochs' training steps)")
+            train_seconds = record.result["train_seconds"]
+            print(f"{name}: Training time: {train_seconds:.2f} seconds (its epochs' steps)")
         return run.finish()
 
 
