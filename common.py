@@ -2,8 +2,8 @@
 
 Each script holds its experiment (model, CONFIGS, REPORTED, optimizer, training step, epoch loop,
 timing) and calls these by name. A run writes <out-dir>/run_NNN/ with summary.json, comparison plots
-and per config config_N/: model.pth (a plain state_dict), checkpoint.pt (for --resume), results.json
-(README.md, "What the files hold", explains every key), curves.png, confusion.png and
+and per config config_N/: model.pth (a plain state_dict), checkpoint.pt (for --resume),
+results.json (README.md, "What the files hold", explains every key), curves.png, confusion.png and
 predictions.png.
 """
 
@@ -166,8 +166,8 @@ def run_main(main):
 
 def code_version(script):
     """{"commit": the git commit of the script's checkout, "changed": whether its tracked files
-    differ from
-    it}, so that a result names the code that made it; None values outside a git checkout."""
+    differ from it}, so that a result names the code that made it; None values outside a git
+    checkout."""
     folder = Path(script).resolve().parent
     try:
         commit = subprocess.run(
@@ -225,9 +225,8 @@ class _CifarUnpickler(pickle.Unpickler):
 
 def load_cifar10(data_dir):
     """CIFAR-10 from the folder holding cifar-10-batches-py, or that folder; extracted from the
-    archive there or
-    downloaded first (md5 checked) when absent; read safely and checked. A failure is an
-    ExperimentError."""
+    archive there or downloaded first (md5 checked) when absent; read safely and checked. A failure
+    is an ExperimentError."""
     try:
         data_dir = Path(data_dir).resolve()
     except (OSError, RuntimeError) as error:  # a symlink loop (RuntimeError before Python 3.13)
@@ -315,9 +314,8 @@ def hold_out(split, fraction):
 
 class Batches:
     """A split as one normalized tensor, (x / 255 - mean) / std, on `device`. Iterating yields every
-    image in order;
-    epoch(n) yields epoch n's full training batches, shuffled by a permutation seeded by the seed
-    and n alone."""
+    image in order; epoch(n) yields epoch n's full training batches, shuffled by a permutation
+    seeded by the seed and n alone."""
 
     def __init__(self, split, batch_size, device, mean, std, seed=0):
         # kept to show the images again (predictions.png)
@@ -348,9 +346,8 @@ class Batches:
 
 def clock(device):
     """time.perf_counter() once every visible GPU has finished the work queued so far:
-    nn.DataParallel's
-    replicas run on all of them, and synchronizing the first GPU alone would not wait for the
-    others."""
+    nn.DataParallel's replicas run on all of them, and synchronizing the first GPU alone would not
+    wait for the others."""
     if device.type == "cuda":
         for index in range(torch.cuda.device_count()):
             torch.cuda.synchronize(index)
@@ -360,8 +357,7 @@ def clock(device):
 def lenet_compile_mode(device):
     """torch.compile's mode for LeNet's small steps: on a GPU "reduce-overhead", which replays each
     step as a CUDA graph (one launch instead of one per kernel); on a CPU, where launches cost
-    nothing
-    extra, the default."""
+    nothing extra, the default."""
     return "reduce-overhead" if device.type == "cuda" else "default"
 
 
@@ -407,8 +403,7 @@ def unwrap(model):
 def parse_args(description, configs, argv=None, device="auto", log_interval=0, threads=None):
     """The command line every script shares; `configs` gives the valid --configs numbers. `threads`:
     the script's default number of CPU threads (None: PyTorch's, one per core); OMP_NUM_THREADS,
-    when set,
-    takes its place, and --threads over both."""
+    when set, takes its place, and --threads over both."""
 
     # an argparse type: kind(text) when it passes test, else one line
     def _checked(kind, test, requirement):
@@ -562,8 +557,8 @@ def _check_compiler(device):
 
 class Run:
     """One run of a script: its device, its run folder <out-dir>/run_NNN/ (made when training
-    starts, or
-    the one --resume continues; locked while in use), the chosen configs and their Records."""
+    starts, or the one --resume continues; locked while in use), the chosen configs and their
+    Records."""
 
     def __init__(self, script, args, mean, std, short_run, data_parallel=False):
         """script: the script's __file__; args: parse_args()'s; mean and std: the per-channel
@@ -714,8 +709,7 @@ class Run:
 
     def _point_latest_here(self):
         """<out-dir>/latest names the newest complete run: this one, unless it already names a newer
-        one
-        (an old run resumed to its end does not take it back)."""
+        one (an old run resumed to its end does not take it back)."""
         latest = self.out_dir / "latest"
         with contextlib.suppress(OSError, ValueError):
             named = latest.read_text().strip()
@@ -728,8 +722,7 @@ class Run:
 
     def _discard_empty_run_dir(self):
         """Removes the run folder this process made when no epoch was saved in it (a failure before
-        the
-        first), so that bare --resume does not pick it; True when removed."""
+        the first), so that bare --resume does not pick it; True when removed."""
         if not self.made_run_dir or any(self.run_dir.glob("config_*/results.json")):
             return False
         if self._lock:
@@ -749,8 +742,7 @@ class Run:
     def __exit__(self, kind, stop, traceback):
         """The end of a script's `with Run(...) as run:` block. On Ctrl-C, a signal or an error that
         ends the script (run_main prints its line), the config in training is marked interrupted,
-        and
-        stop.saved says what is saved and how to go on (None when nothing is)."""
+        and stop.saved says what is saved and how to go on (None when nothing is)."""
         if isinstance(stop, (*STOPPING_ERRORS, *_compile_error_types())):
             status, _ = exit_status(stop)
             with _stops_ignored():
@@ -759,8 +751,7 @@ class Run:
 
     def save_on_stop(self, after_error):
         """Marks the config in training interrupted; what is saved and how to go on (after an error:
-        only once that
-        config has saved epochs), or None."""
+        only once that config has saved epochs), or None."""
         current = (
             self.records[-1]
             if self.records and self.records[-1].result["status"] == "running"
@@ -794,8 +785,7 @@ class Run:
 
     def short_command(self):
         """The script's suggested short run, with the data, output folder, device and seed the user
-        gave,
-        so that it runs when copied."""
+        gave, so that it runs when copied."""
         kept = []
         given = (
             ("--data-dir", self.args.data_dir, "./data"),
@@ -810,8 +800,7 @@ class Run:
 
     def resume_command(self):
         """The command that continues this run: the user's, with --resume naming this run folder (by
-        its
-        name where the command's --out-dir holds it, else by its path)."""
+        its name where the command's --out-dir holds it, else by its path)."""
         argv = [
             a
             for a in sys.argv
@@ -918,8 +907,7 @@ def run_script(folder):
 
 def _write_summary(run_dir, results, wall_seconds, resumed, compare_key=None):
     """summary.json over every config in the run folder, the comparison plots, and the summary
-    lines.
-    wall_seconds: this process's, from the script's start to now (a resumed run's: the last
+    lines. wall_seconds: this process's, from the script's start to now (a resumed run's: the last
     process's)."""
     results += [
         _load(path, lambda path, reason: ExperimentError(f"{path}: {reason}"))
@@ -1033,8 +1021,8 @@ def epoch_seed(seed, epoch, stream):
     of the training batches (Batches.epoch), stream "draws" for torch's global generator, which the
     scripts seed at every epoch's start for its dropout masks, crops and flips. It depends on the
     seed and the epoch alone, so that a resumed run draws what an uninterrupted one would. (The
-    initial weights:
-    each script calls torch.manual_seed(seed) right before building a config's model.)"""
+    initial weights: each script calls torch.manual_seed(seed) right before building a config's
+    model.)"""
     return seed * 1_000_003 + epoch * 2 + ("order", "draws").index(stream)
 
 
@@ -1059,9 +1047,8 @@ class EpochMeter:
 
     def add(self, loss, outputs, labels):
         """After a training step: sums its loss and correct predictions; prints the running loss
-        every
-        --log-interval steps and, seconds into a CPU run that will take long, how long and how to
-        shorten it."""
+        every --log-interval steps and, seconds into a CPU run that will take long, how long and how
+        to shorten it."""
         run = self.record.run
         self.loss_sum += loss.detach()
         self.correct += (outputs.argmax(1) == labels).sum()
@@ -1160,8 +1147,7 @@ class Record:
     @property
     def status(self):
         """running (epochs left to train, or all trained and not yet finished), interrupted,
-        diverged
-        or completed."""
+        diverged or completed."""
         return self.result["status"]
 
     def resume(self, model, optimizer, **more):
@@ -1177,8 +1163,7 @@ class Record:
 
     def meter(self, epoch, steps):
         """The EpochMeter of epoch `epoch` (0-based) of `steps` steps, for the script's train() to
-        add
-        every step to. A process's first epoch of the config times its first steps apart
+        add every step to. A process's first epoch of the config times its first steps apart
         (warm-up)."""
         if self.state is None:
             raise RuntimeError(
@@ -1195,8 +1180,7 @@ class Record:
         False when the loss is NaN, infinite or blown up: the config is then "diverged" and its
         training ends. The checkpoint and results.json are written in a thread while the next epoch
         trains (a GPU epoch can take about as long as writing 90 MB); the next add_epoch, finish()
-        and an
-        interruption wait for them."""
+        and an interruption wait for them."""
         unknown = set(accuracies) - set(METRICS)
         if unknown:
             raise ValueError(f"add_epoch: {sorted(unknown)} are not in common.METRICS")
@@ -1286,8 +1270,7 @@ class Record:
     def mark_interrupted(self):
         """After Ctrl-C or a signal: status "interrupted" in results.json, once the epoch being
         saved is; a failure to write it (a full disk) leaves the files as the last saved epoch left
-        them
-        and raises ExperimentError."""
+        them and raises ExperimentError."""
         self.result["status"] = "interrupted"
         self._write_results()
 
@@ -1335,8 +1318,7 @@ class Record:
 
     def _write_results(self):
         """results.json now, once the epoch being saved is; before it curves.png, once the config
-        has
-        stopped after at least one epoch (so results.json saying so means the picture is there
+        has stopped after at least one epoch (so results.json saying so means the picture is there
         too)."""
         self.wait_for_saving()
         result = self._updated_result()
@@ -1414,9 +1396,8 @@ class Record:
 
 def _load(path, refuse, load=None):
     """results.json, or a torch file loaded safely (weights_only: tensors and plain data, never
-    code) onto the
-    CPU whatever the training device and handed to load(state). Every failure raises refuse(path,
-    reason)."""
+    code) onto the CPU whatever the training device and handed to load(state). Every failure raises
+    refuse(path, reason)."""
     try:
         if path.suffix == ".json":
             state = json.loads(path.read_text())
@@ -1447,8 +1428,8 @@ def _load(path, refuse, load=None):
 
 def evaluate_saved(args, model, mean, std):
     """--evaluate PATH: loads saved weights into `model`, evaluates them on the test set and prints
-    the
-    accuracy, per class, and the figure the results.json beside them records; the exit status."""
+    the accuracy, per class, and the figure the results.json beside them records; the exit
+    status."""
     path = Path(args.evaluate)
     _load(
         path,
@@ -1595,8 +1576,7 @@ def plot_confusion(counts, path, title):
 @torch.no_grad()
 def plot_predictions(model, batches, path, title, count=32):
     """The first `count` test images with the model's predicted class and the true one, as the
-    PyTorch
-    tutorial shows them: green where right, red where wrong. The model in eval mode."""
+    PyTorch tutorial shows them: green where right, red where wrong. The model in eval mode."""
     from matplotlib.figure import Figure
 
     images = batches.images[:count]

@@ -12,7 +12,7 @@ bookkeeping; none of it changes the mathematics of a step:
   - one CPU thread, PyTorch's own convolution instead of oneDNN's, and SGD's fused kernel (the same
     update rule, computed in one kernel): the fastest step for batches of 4 images;
   - the test set is evaluated after every epoch (curves.png); the final accuracy is the last
-  epoch's;
+    epoch's;
   - each epoch saves results.json and a checkpoint (Ctrl-C, then --resume), the end confusion.png.
 With --device cuda it trains on a GPU in fp32, the report's precision (on Ampere and newer GPUs,
 PyTorch's defaults let cuDNN compute its convolutions in TF32).
@@ -86,9 +86,8 @@ def train(model, batches, criterion, optimizer, meter):
 
 
 def main(argv=None):
-    # Batches of 4 images are too small to share between threads or to pay for oneDNN's set-up:
-    # one thread (--threads' default here) and PyTorch's plain convolution make the fastest CPU
-    # step.
+    # Batches of 4 images are too small to share between threads or to pay for oneDNN's set-up: one
+    # thread (--threads' default here) and PyTorch's plain convolution make the fastest CPU step.
     args = common.parse_args(__doc__, CONFIGS, argv, device="cpu", log_interval=2000, threads=1)
     if args.evaluate:
         return common.evaluate_saved(args, Net(), MEAN, STD)

@@ -30,10 +30,9 @@ cosine schedule, tuned on a 10% validation split so that the test set is evaluat
 has the StepLR(20 epochs, x0.5) schedule of other course reports. get_lr() below has every schedule.
 The flip test-time-augmentation accuracy is reported apart, never as the headline figure.
 
-    python resnet18.py --configs 5             # the modern recipe (a GPU is picked when there is
-    one) python resnet18.py --configs 4             # the report's best
-    python benchmarks/resnet18_speed.py        # training and evaluation images/s on the device at
-    hand
+    python resnet18.py --configs 5             # the modern recipe (on a GPU when there is one)
+    python resnet18.py --configs 4             # the report's best
+    python benchmarks/resnet18_speed.py        # training and evaluation images/s on the device
 
 The report (one A100): 86.09, 88.59, 88.40, 89.56% for configs 1-4 in 186.00, 300.44, 298.37, 305.84
 s of training (REPORTED below; the summary prints ours beside them). Aim for config 5: 94% or more
@@ -158,8 +157,8 @@ def compute_dtype(device):
     GPU from Ampere on; a CPU with AVX512-BF16 or AMX: about twice fp32's speed on a 2-core
     AVX512-BF16 CPU, docs/DEVELOPING.md). Else fp16 on a GPU (a T4 or V100: cuDNN has no bf16
     convolutions below compute capability 8.0), trained with a GradScaler; and fp32 on a CPU without
-    those instructions,
-    which would emulate bf16 (reported slower than fp32 on such laptops; not measured here)."""
+    those instructions, which would emulate bf16 (reported slower than fp32 on such laptops; not
+    measured here)."""
     if device.type == "cuda":
         native = torch.cuda.is_bf16_supported(including_emulation=False)
         return torch.bfloat16 if native else torch.float16
@@ -170,8 +169,8 @@ def compute_dtype(device):
 
 def augment(images):
     """A random crop of every image after 4-pixel reflect padding, and a horizontal flip of half of
-    them, drawn
-    per image on the device from the global RNG (which common.Record.epochs seeds every epoch)."""
+    them, drawn per image on the device from the global RNG, which main() seeds at every epoch's
+    start (common.epoch_seed)."""
     count = len(images)
     size = images.shape[-1]
     device = images.device
@@ -192,8 +191,7 @@ def augment(images):
 
 def build_model(device):
     """ResNet18 on `device`, computing in compute_dtype(device); channels_last for bf16 and fp16,
-    the
-    layout their convolutions run fastest in."""
+    the layout their convolutions run fastest in."""
     dtype = compute_dtype(device)
     model = ResNet18(compute_dtype=dtype).to(device)
     if dtype != torch.float32:
@@ -237,8 +235,7 @@ def get_lr(step, config, steps_per_epoch):
 @torch.no_grad()
 def flip_tta_accuracy(model, batches):
     """Test accuracy in percent when each prediction averages an image and its mirror image
-    (test-time
-    augmentation); reported apart from the headline accuracy."""
+    (test-time augmentation); reported apart from the headline accuracy."""
     correct = 0
     for images, labels in batches:
         probabilities = model(images).softmax(1) + model(images.flip(3)).softmax(1)

@@ -83,9 +83,8 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True, scope="session")
 def scripts_can_be_interrupted():
     """A shell starts a background job (`pytest ... &`, nohup) with Ctrl-C ignored, and the scripts
-    the tests
-    start would inherit that and ignore it too, as they should. Handled here, SIGINT reaches them as
-    usual."""
+    the tests start would inherit that and ignore it too, as they should. Handled here, SIGINT
+    reaches them as usual."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
@@ -94,8 +93,8 @@ def scripts_can_be_interrupted():
 @pytest.fixture(autouse=True)
 def torch_settings_restored():
     """lenet_cpu.main sets one thread and turns oneDNN off for its whole process, as a program may;
-    the
-    tests after it get the defaults back (ResNet-18 in bf16 without oneDNN is many times slower)."""
+    the tests after it get the defaults back (ResNet-18 in bf16 without oneDNN is many times
+    slower)."""
     import torch
 
     threads = torch.get_num_threads()
@@ -124,8 +123,7 @@ def real_data_dir():
 
 def time_lenet_steps(monkeypatch, seconds_of_call):
     """A clock for timing tests: time.perf_counter stands still except in lenet_cpu.Net's forward,
-    whose n-th call
-    (0-based, evaluation's too) moves it by seconds_of_call(n) seconds."""
+    whose n-th call (0-based, evaluation's too) moves it by seconds_of_call(n) seconds."""
     import lenet_cpu
 
     now = [0.0]

@@ -1,6 +1,5 @@
 """The figures published in the README and the scripts' docstrings are those of the runs in
-modelset/reference/,
-and saved weights can be checked in seconds with --evaluate."""
+modelset/reference/, and saved weights can be checked in seconds with --evaluate."""
 
 import json
 import re
@@ -58,8 +57,7 @@ def shown(result, column):
 
 def summary_configs(path):
     """The configs of a summary.json: a list in runs before the run's wall time was recorded, else
-    under
-    "configs"."""
+    under "configs"."""
     summary = json.loads(path.read_text())
     return summary if isinstance(summary, list) else summary["configs"]
 
@@ -181,8 +179,7 @@ def test_evaluate_refuses_a_missing_file_and_weights_of_another_model(data_dir, 
 
 def test_the_resnet_speed_table_is_the_committed_benchmarks():
     """docs/DEVELOPING.md's ResNet-18 speeds on the CPU: each row is a `benchmarks/resnet18_speed.py
-    --json`
-    file in modelset/reference/benchmarks/, made by committed code (it names the commit)."""
+    --json` file in modelset/reference/benchmarks/, made by committed code (it names the commit)."""
     rows = evidence_rows((ROOT / "docs" / "DEVELOPING.md").read_text(), "resnet18_speed")
     assert len(rows) == len(list((REFERENCE / "benchmarks").glob("resnet18_speed_*.json"))) >= 4
     for file_name, batch_size, precision, train_rate, evaluation_rate, epochs_time in rows:
@@ -263,8 +260,8 @@ def without_paths(command):
 
 def test_the_short_run_table_is_the_committed_short_runs():
     """README's short runs: each command is the run's own (less its data and output folders), its
-    wall
-    time the run's summary.json, its figures the config's results.json, made by committed code."""
+    wall time the run's summary.json, its figures the config's results.json, made by committed
+    code."""
     script = None
     rows = evidence_rows((ROOT / "README.md").read_text(), "short_runs")
     assert len(rows) >= 5

@@ -1,6 +1,5 @@
 """--resume writes only into a run of the same script on the same data, files are never written
-through
-planted links, and every fault ends with one line (all on the CPU, on tiny data)."""
+through planted links, and every fault ends with one line (all on the CPU, on tiny data)."""
 
 import json
 import os
