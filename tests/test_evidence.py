@@ -312,3 +312,27 @@ def test_the_whole_run_table_is_the_reference_runs():
             assert wall_time == common.duration(summary["wall_seconds"])
         else:
             assert wall_time == "not recorded"
+
+
+def test_the_laptop_commands_quote_the_committed_runs():
+    """README's first commands for a laptop: their wall times and accuracy are the committed runs'."""
+    readme = (ROOT / "README.md").read_text()
+
+    def wall_time(folder):
+        return common.duration(json.loads((folder / "summary.json").read_text())["wall_seconds"])
+
+    baseline = reference("lenet_cpu", "config_1")["final_test_accuracy"]
+    lines = {
+        "python lenet_cpu.py --data-dir PATH": (
+            f"{wall_time(REFERENCE / 'lenet_cpu')}, {baseline:.2f}%"
+        ),
+        "python dropout_regularization.py --configs 1 2 --subset 5000 --data-dir PATH": wall_time(
+            REFERENCE / "short_runs" / "dropout_regularization"
+        ),
+        "python lenet_multigpu.py --configs 4 --subset 5000 --data-dir PATH": wall_time(
+            REFERENCE / "short_runs" / "lenet_multigpu"
+        ),
+    }
+    for command, figures in lines.items():
+        line = next(line for line in readme.splitlines() if line.startswith(command + " "))
+        assert line.split("#")[1].strip().endswith(figures), line
