@@ -20,19 +20,35 @@ def cifar_torchvision_resnet18():
     return model
 
 
-def test_saved_weights_load_into_torchvision_with_a_cifar_stem_and_give_the_same_outputs():
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+def test_saved_weights_load_into_torchvision_and_give_the_same_outputs(stem, tmp_path):
+    """The CIFAR stem into torchvision's resnet18 with that stem; config 8's ImageNet stem as is."""
     torch.manual_seed(0)
-    model = resnet18.ResNet18()
+    model = resnet18.ResNet18(stem=stem)
     # running statistics away from their defaults, so that they count
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 1.5)
-    reference = cifar_torchvision_resnet18()
+    if stem == "cifar":
+        reference = cifar_torchvision_resnet18()
+    else:
+        reference = torchvision.models.resnet18(num_classes=10)
     reference.load_state_dict(model.state_dict(), strict=True)
-    assert sum(p.numel() for p in model.parameters()) == 11_173_962
     images = torch.randn(4, 3, 32, 32)
     assert torch.allclose(model.eval()(images), reference.eval()(images), atol=1e-5)
+    torch.save(model.state_dict(), tmp_path / "model.pth")
+    assert resnet18.stem_of(tmp_path / "model.pth") == stem  # --evaluate builds this network
+
+
+def test_the_cifar_stem_keeps_every_pixel_and_the_imagenet_stem_quarters_the_map():
+    assert sum(p.numel() for p in resnet18.ResNet18().parameters()) == 11_173_962
+    shapes = {}
+    for stem in ("cifar", "imagenet"):
+        model = resnet18.ResNet18(stem=stem)
+        shapes[stem] = model.maxpool(model.conv1(torch.zeros(1, 3, 32, 32))).shape[-1]
+    assert shapes == {"cifar": 32, "imagenet": 8}
+    assert resnet18.CONFIGS[7] == resnet18.CONFIGS[3] | {"stem": "imagenet"}  # config 4, 7x7 stem
 
 
 def test_crops_and_flips_differ_per_image_and_stay_inside_the_padding():
