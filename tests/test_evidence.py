@@ -336,3 +336,16 @@ def test_the_laptop_commands_quote_the_committed_runs():
     for command, figures in lines.items():
         line = next(line for line in readme.splitlines() if line.startswith(command + " "))
         assert line.split("#")[1].strip().endswith(figures), line
+
+
+def test_the_two_scripts_controls_train_alike():
+    """Dropout's control (rate 0) trains exactly as L2's (weight decay 0): one control serves both."""
+    l2_control = reference("l2_regularization", "config_1")
+    dropout_control = reference("dropout_regularization", "config_1")
+
+    def figures(result):
+        timings = ("seconds", "warmup_seconds")
+        return [{k: v for k, v in entry.items() if k not in timings} for entry in result["history"]]
+
+    assert figures(l2_control) == figures(dropout_control)
+    assert l2_control["confusion_matrix"] == dropout_control["confusion_matrix"]
