@@ -315,7 +315,8 @@ def test_the_whole_run_table_is_the_reference_runs():
 
 
 def test_the_laptop_commands_quote_the_committed_runs():
-    """README's first commands for a laptop: their wall times and accuracy are the committed runs'."""
+    """README's first commands for a laptop: their wall times and accuracy are the committed
+    runs'."""
     readme = (ROOT / "README.md").read_text()
 
     def wall_time(folder):
@@ -339,7 +340,8 @@ def test_the_laptop_commands_quote_the_committed_runs():
 
 
 def test_the_two_scripts_controls_train_alike():
-    """Dropout's control (rate 0) trains exactly as L2's (weight decay 0): one control serves both."""
+    """Dropout's control (rate 0) trains exactly as L2's (weight decay 0): one control serves
+    both."""
     l2_control = reference("l2_regularization", "config_1")
     dropout_control = reference("dropout_regularization", "config_1")
 

@@ -199,15 +199,7 @@ def full_disk_on_the_nth(monkeypatch, name, nth):
 @pytest.mark.slow
 def test_a_path_too_long_for_the_file_system_is_one_line(data_dir, tmp_path):
     completed = run_script(
-        "lenet_cpu.py",
-        "--device",
-        "cpu",
-        "--data-dir",
-        data_dir,
-        "--out-dir",
-        tmp_path / ("x" * 300),
-        "--epochs",
-        "1",
+        "lenet_cpu.py", *on_cpu(data_dir, tmp_path / ("x" * 300), "--epochs", "1")
     )
     assert completed.returncode == 1 and "Traceback" not in completed.stderr
     assert completed.stderr.startswith("error: ") and completed.stderr.count("\n") == 1
@@ -216,17 +208,7 @@ def test_a_path_too_long_for_the_file_system_is_one_line(data_dir, tmp_path):
 @pytest.mark.slow
 def test_a_folder_named_latest_is_reported_after_the_run_is_saved(data_dir, tmp_path):
     (tmp_path / "latest").mkdir()
-    completed = run_script(
-        "lenet_cpu.py",
-        "--device",
-        "cpu",
-        "--data-dir",
-        data_dir,
-        "--out-dir",
-        tmp_path,
-        "--epochs",
-        "1",
-    )
+    completed = run_script("lenet_cpu.py", *on_cpu(data_dir, tmp_path, "--epochs", "1"))
     assert completed.returncode == 1 and "Traceback" not in completed.stderr
     assert completed.stderr.count("\n") == 1 and str(tmp_path / "latest") in completed.stderr
     assert "Is a directory" in completed.stderr

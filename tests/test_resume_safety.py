@@ -156,16 +156,7 @@ def test_a_data_dir_in_a_symlink_loop_is_one_line(tmp_path):
 @pytest.mark.slow
 def test_a_bad_matplotlib_backend_is_one_line_before_any_training(data_dir, tmp_path):
     completed = run_script(
-        "lenet_cpu.py",
-        "--device",
-        "cpu",
-        "--data-dir",
-        data_dir,
-        "--out-dir",
-        tmp_path,
-        "--epochs",
-        "1",
-        env={"MPLBACKEND": "nonsense"},
+        "lenet_cpu.py", *on_cpu(data_dir, tmp_path, "--epochs", "1"), env={"MPLBACKEND": "nonsense"}
     )
     assert_one_error_line(completed)
     assert "MPLBACKEND" in completed.stderr and not list(tmp_path.glob("run_*"))
@@ -192,15 +183,7 @@ def test_compile_without_a_compiler_is_one_line_and_leaves_no_run_folder(data_di
     empty.mkdir()
     completed = run_script(
         "lenet_cpu.py",
-        "--device",
-        "cpu",
-        "--compile",
-        "--data-dir",
-        data_dir,
-        "--out-dir",
-        tmp_path / "o",
-        "--epochs",
-        "1",
+        *on_cpu(data_dir, tmp_path / "o", "--compile", "--epochs", "1"),
         env={"PATH": str(empty), "CXX": "", "CC": ""},
     )
     assert_one_error_line(completed)
@@ -211,14 +194,7 @@ def test_compile_without_a_compiler_is_one_line_and_leaves_no_run_folder(data_di
 def test_an_ascii_terminal_and_a_non_ascii_out_dir(data_dir, tmp_path):
     completed = run_script(
         "lenet_cpu.py",
-        "--device",
-        "cpu",
-        "--data-dir",
-        data_dir,
-        "--out-dir",
-        tmp_path / "résultats",
-        "--epochs",
-        "1",
+        *on_cpu(data_dir, tmp_path / "résultats", "--epochs", "1"),
         env={"PYTHONIOENCODING": "ascii"},
     )
     assert completed.returncode == 0 and "Traceback" not in completed.stderr, completed.stderr
