@@ -627,13 +627,9 @@ class Run:
             "batch_size": self.args.batch_size,
             "val_fraction": self.args.val_fraction,
         }
-        chosen = [
-            (
-                number,
-                {**configs[number - 1], **{k: v for k, v in overrides.items() if v is not None}},
-            )
-            for number in self.args.configs or range(1, len(configs) + 1)
-        ]
+        given = {key: value for key, value in overrides.items() if value is not None}
+        numbers = self.args.configs or range(1, len(configs) + 1)
+        chosen = [(number, {**configs[number - 1], **given}) for number in numbers]
         self.epochs_left = sum(config["num_epochs"] for _, config in chosen)
         for number, config in chosen:
             yield f"config_{number}", config
