@@ -905,54 +905,33 @@ def _write_summary(run_dir, results, wall_seconds, resumed, compare_key=None):
     """summary.json over every config in the run folder, the comparison plots, and the summary
     lines. wall_seconds: this process's, from the script's start to now (a resumed run's: the last
     process's)."""
-    results += [
-        _load(path, lambda path, reason: ExperimentError(f"{path}: {reason}"))
-        for path in run_dir.glob("config_*/results.json")
-        if path.parent.name not in {r["name"] for r in results}
-    ]
+    names = {r["name"] for r in results}
+    for path in run_dir.glob("config_*/results.json"):
+        if path.parent.name not in names:  # a config an earlier process of the run finished
+            results.append(_load(path, lambda path, reason: ExperimentError(f"{path}: {reason}")))
     results.sort(key=lambda r: int(r["name"][7:]))
     configs = [{k: v for k, v in r.items() if k not in ("history", "environment")} for r in results]
-    write_json(
-        run_dir / "summary.json",
-        {
-            "script": results[0]["script"],
-            "wall_seconds": wall_seconds,
-            "resumed": resumed,
-            "configs": configs,
-        },
-    )
+    summary = {
+        "script": results[0]["script"],
+        "wall_seconds": wall_seconds,
+        "resumed": resumed,
+        "configs": configs,
+    }
+    write_json(run_dir / "summary.json", summary)
     finished = [r for r in results if r["history"]]
     if len(finished) > 1:
-        _plot(
-            run_dir / "test_accuracy.png",
-            [
-                (
-                    "accuracy of every config",
-                    "accuracy (%)",
-                    [
-                        (r["name"], r, "val_accuracy" if r["validation"] else "test_accuracy")
-                        for r in finished
-                    ],
-                )
-            ],
-        )
-    if (
-        compare_key
-        and finished
-        and all("train_eval_accuracy" in r["history"][-1] for r in finished)
-    ):
-        _plot(
-            run_dir / "train_vs_test.png",
-            [
-                (
-                    f"{r['name']}: {compare_key}={r['config'][compare_key]}",
-                    "accuracy (%)",
-                    [("train (eval mode)", r, "train_eval_accuracy"), ("test", r, "test_accuracy")],
-                )
-                for r in finished
-            ],
-            True,
-        )
+        curves = []
+        for r in finished:
+            curves.append((r["name"], r, "val_accuracy" if r["validation"] else "test_accuracy"))
+        _plot(run_dir / "test_accuracy.png", [("accuracy of every config", "accuracy (%)", curves)])
+    gaps_recorded = all("train_eval_accuracy" in r["history"][-1] for r in finished)
+    if compare_key and finished and gaps_recorded:
+        panels = []
+        for r in finished:
+            title = f"{r['name']}: {compare_key}={r['config'][compare_key]}"
+            lines = [("train (eval mode)", r, "train_eval_accuracy"), ("test", r, "test_accuracy")]
+            panels.append((title, "accuracy (%)", lines))
+        _plot(run_dir / "train_vs_test.png", panels, same_scale=True)
     print(
         f"\nResults ({run_dir}). Final test accuracy: the last epoch's. Training time: the seconds "
         f"of every epoch's training steps, GPU synchronized, evaluation and the first "
