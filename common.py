@@ -908,7 +908,7 @@ def _write_summary(run_dir, results, wall_seconds, resumed, compare_key=None):
     names = {r["name"] for r in results}
     for path in run_dir.glob("config_*/results.json"):
         if path.parent.name not in names:  # a config an earlier process of the run finished
-            results.append(_load(path, lambda path, reason: ExperimentError(f"{path}: {reason}")))
+            results.append(load_saved(path, refused))
     results.sort(key=lambda r: int(r["name"][7:]))
     configs = [{k: v for k, v in r.items() if k not in ("history", "environment")} for r in results]
     summary = {
@@ -1005,7 +1005,7 @@ class EpochMeter:
     """One epoch's running training loss and accuracy, summed on the device (a GPU is not waited for
     inside the epoch). The script's train() calls add() after every step. In a process's first epoch
     of a config, `warmup_end` is the clock() once its first WARMUP_STEPS steps (compilation, cuDNN's
-    autotuning) are done, so that the script can time them apart; else None."""
+    autotuning) are done, so that seconds() can count them apart; else None."""
 
     def __init__(self, record, epoch, steps, warmup_steps):
         device = record.run.device
@@ -1048,6 +1048,12 @@ class EpochMeter:
                     f"{run.short_command()}"
                 )
 
+    def seconds(self, started, ended):
+        """(training seconds, warm-up seconds) of an epoch timed from `started` to `ended` by
+        clock(): the warm-up steps, if this epoch had them, counted apart."""
+        timed_from = started if self.warmup_end is None else self.warmup_end
+        return ended - timed_from, timed_from - started
+
     def loss(self):
         return self.loss_sum.item() / max(1, self.done)
 
@@ -1074,7 +1080,6 @@ class Record:
         self.config = config
         self.state = None  # {"model": ..., "optimizer": ..., ...}: set by resume()
         self.start_epoch = 0
-        self.meters = 0  # made in this process
         self._saving = None  # the thread writing the last epoch's files
         self._saving_error = None
         self.folder = run.new_run_dir() / name
@@ -1145,8 +1150,7 @@ class Record:
                 "call record.resume(model, optimizer) before training: it names what "
                 "the checkpoints save"
             )
-        warmup_steps = min(WARMUP_STEPS, steps) if self.meters == 0 else 0
-        self.meters += 1
+        warmup_steps = min(WARMUP_STEPS, steps) if epoch == self.start_epoch else 0
         return EpochMeter(self, epoch, steps, warmup_steps)
 
     def add_epoch(self, meter, seconds, warmup_seconds=0.0, **accuracies):
@@ -1325,7 +1329,7 @@ class Record:
             if checkpoint_file.exists():
                 raise refuse(checkpoint_file, "it has no results.json beside it")
             return 0
-        saved = _load(results_file, refuse)
+        saved = load_saved(results_file, refuse)
         now = {
             "script": self.run.script,
             "config": self.config,
@@ -1346,7 +1350,7 @@ class Record:
                 )
         if saved["status"] in ("completed", "diverged"):
             if saved["status"] == "completed":
-                _load(self.folder / "model.pth", refuse, self.state["model"].load_state_dict)
+                load_saved(self.folder / "model.pth", refuse, self.state["model"].load_state_dict)
             print(f"{self.name}: already {saved['status']} in {self.folder}, skipped")
             self.result.update(saved)
             return self.config["num_epochs"]
@@ -1357,7 +1361,7 @@ class Record:
                     checkpoint_file, f"it is missing, and results.json lists {epochs} epochs"
                 )
             return 0
-        checkpoint = _load(checkpoint_file, refuse, self._load_checkpoint)
+        checkpoint = load_saved(checkpoint_file, refuse, self._load_checkpoint)
         self.result["history"] = checkpoint["history"]
         print(f"{self.name}: resuming after epoch {checkpoint['epoch']}")
         return checkpoint["epoch"]
@@ -1369,7 +1373,12 @@ class Record:
             value.load_state_dict(checkpoint[key])
 
 
-def _load(path, refuse, load=None):
+def refused(path, reason):
+    """The error of a saved file that cannot be used, where no more needs saying: "path: reason"."""
+    return ExperimentError(f"{path}: {reason}")
+
+
+def load_saved(path, refuse, load=None):
     """results.json, or a torch file loaded safely (weights_only: tensors and plain data, never
     code) onto the CPU whatever the training device and handed to load(state). Every failure raises
     refuse(path, reason)."""
@@ -1406,7 +1415,7 @@ def evaluate_saved(args, model, mean, std):
     the accuracy, per class, and the figure the results.json beside them records; the exit
     status."""
     path = Path(args.evaluate)
-    _load(
+    load_saved(
         path,
         lambda path, reason: ExperimentError(f"--evaluate {path}: {reason}"),
         model.load_state_dict,

@@ -28,9 +28,6 @@ from pathlib import Path
 
 
 # of each results.json
-NEEDED = {"name", "script", "status", "config", "data", "history", "environment"}
-
-
 def run_folders(paths):
     """The run folders among `paths`, each a run (run_NNN) or a folder of runs (all of its
     run_NNN)."""
@@ -49,23 +46,13 @@ def run_folders(paths):
 
 
 def read_results(folder):
-    """Every config's results.json in run folder `folder`: (path, result)."""
+    """Every config's results.json in run folder `folder`, read and checked as --resume reads
+    them: (path, result)."""
     results = []
     for path in sorted(folder.glob("config_*/results.json")):
-        try:
-            result = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            raise common.ExperimentError(
-                f"cannot read {path} ({common.first_line(error)})"
-            ) from None
-        if (
-            not isinstance(result, dict)
-            or not NEEDED <= result.keys()
-            or "seed" not in result["environment"]
-        ):
-            raise common.ExperimentError(
-                f"{path} is not a run's results.json (it lacks a seed, a config, data or a status)"
-            )
+        result = common.load_saved(path, common.refused)
+        if "data" not in result or "seed" not in result.get("environment", {}):
+            raise common.ExperimentError(f"{path}: not a run's results (it lacks its data or seed)")
         results.append((path, result))
     return results
 

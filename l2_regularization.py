@@ -115,8 +115,8 @@ def main(argv=None):
                 started = common.clock(run.device)
                 train(model, train_batches.epoch(epoch), criterion, optimizer, meter)
                 ended = common.clock(run.device)
-                # the training time: from the end of a process's first 3 steps (warm-up), if any
-                timed_from = started if meter.warmup_end is None else meter.warmup_end
+                # the training time, a process's first 3 steps (warm-up) apart
+                seconds, warmup_seconds = meter.seconds(started, ended)
                 model.eval()
                 accuracies = {
                     "train_eval_accuracy": common.evaluate(model, train_eval_batches),
@@ -125,8 +125,6 @@ def main(argv=None):
                 # recorded beside the test accuracy: error_bars.py picks an epoch by it
                 if val_batches:
                     accuracies["val_accuracy"] = common.evaluate(model, val_batches)
-                seconds = ended - timed_from
-                warmup_seconds = timed_from - started
                 if not record.add_epoch(meter, seconds, warmup_seconds, **accuracies):
                     break  # diverged
             if record.status == "running":  # every epoch trained

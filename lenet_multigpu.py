@@ -119,12 +119,10 @@ def main(argv=None):
                 started = common.clock(run.device)  # waits for the GPUs: the time is this epoch's
                 train(model, train_batches.epoch(epoch), criterion, optimizer, meter)
                 ended = common.clock(run.device)
-                # the training time: from the end of a process's first 3 steps (warm-up), if any
-                timed_from = started if meter.warmup_end is None else meter.warmup_end
+                # the training time, a process's first 3 steps (warm-up) apart
+                seconds, warmup_seconds = meter.seconds(started, ended)
                 model.eval()
                 accuracy = common.evaluate(model, test_batches)
-                seconds = ended - timed_from
-                warmup_seconds = timed_from - started
                 if not record.add_epoch(meter, seconds, warmup_seconds, test_accuracy=accuracy):
                     break  # diverged
             if record.status == "running":  # every epoch trained

@@ -219,7 +219,8 @@ def stem_of(weights_path):
     convolution's kernel (7x7: "imagenet", else "cifar"); "cifar" when the file cannot be read, and
     --evaluate then says why."""
     try:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        # mmap: only the kernel's shape is read here; --evaluate loads the weights once, after
+        state = torch.load(weights_path, map_location="cpu", weights_only=True, mmap=True)
         return "imagenet" if state["conv1.weight"].shape[-1] == 7 else "cifar"
     except (
         OSError,
@@ -364,15 +365,13 @@ def main(argv=None):
                     steps,
                 )
                 ended = common.clock(run.device)
-                # the training time: from the end of a process's first 3 steps (warm-up), if any
-                timed_from = started if meter.warmup_end is None else meter.warmup_end
+                # the training time, a process's first 3 steps (warm-up) apart
+                seconds, warmup_seconds = meter.seconds(started, ended)
                 model.eval()  # BatchNorm: the running statistics
                 if val_batches:
                     accuracies = {"val_accuracy": common.evaluate(model, val_batches)}
                 else:
                     accuracies = {"test_accuracy": common.evaluate(model, test_batches)}
-                seconds = ended - timed_from
-                warmup_seconds = timed_from - started
                 if not record.add_epoch(meter, seconds, warmup_seconds, **accuracies):
                     break  # diverged
             if record.status == "running":  # every epoch trained
