@@ -4,8 +4,8 @@ One seed's figure moves by a point or more with the seed alone (README.md, "Resu
 difference between two configs means something only beside its spread. Train the configs once per
 seed, then point this at the run folders:
 
-    python l2_regularization.py --configs 1 2 --val-fraction 0.1 --seed 1    # again with --seed 2,
-    3 python error_bars.py modelset/l2_regularization/run_001 modelset/l2_regularization/run_002 ...
+    python l2_regularization.py --configs 1 2 --val-fraction 0.1 --seed 1   # then --seed 2 and 3
+    python error_bars.py modelset/l2_regularization/run_001 modelset/l2_regularization/run_002 ...
     python error_bars.py modelset/l2_regularization       # every run in that folder
 
 A group is one script's config (overrides included) on the same data and precision; it holds one

@@ -17,8 +17,8 @@ bookkeeping; none of it changes the mathematics of a step:
 With --device cuda it trains on a GPU in fp32, the report's precision (on Ampere and newer GPUs,
 PyTorch's defaults let cuDNN compute its convolutions in TF32).
 
-    python lenet_cpu.py                            # 5 epochs on ./data, outputs in
-    modelset/lenet_cpu/ python lenet_cpu.py --data-dir PATH            # CIFAR-10 already on disk
+    python lenet_cpu.py                   # 5 epochs on ./data, outputs in modelset/lenet_cpu/
+    python lenet_cpu.py --data-dir PATH   # CIFAR-10 already on disk
     python lenet_cpu.py --evaluate modelset/reference/lenet_cpu/config_1/model.pth --data-dir PATH
     python benchmarks/lenet_cpu_speed.py --data-dir PATH   # against the tutorial's DataLoader loop
 

@@ -12,8 +12,8 @@ GPUs (common.clock); evaluation and the first steps' warm-up are left out. test_
 overlays the test accuracy of every config of a run.
 
     python lenet_multigpu.py --configs 3       # the report's best: 200 epochs, 65.75%
-    python lenet_multigpu.py                   # all ten configs, outputs in
-    modelset/lenet_multigpu/ python lenet_multigpu.py --list-configs
+    python lenet_multigpu.py                   # all ten configs, in modelset/lenet_multigpu/
+    python lenet_multigpu.py --list-configs
 
 The report (4x A100): configs 1-3 reached 47.63 / 60.25 / 65.75%; configs 4-10 reached 62.00, 62.50,
 64.99, 63.11, 56.45, 59.44, 58.02% in 263.94, 181.47, 259.07, 180.19, 260.93, 181.00, 163.23 s

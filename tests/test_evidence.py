@@ -10,6 +10,7 @@ import torch
 
 import common
 import dropout_regularization
+import error_bars
 import l2_regularization
 import lenet_cpu
 import lenet_multigpu
@@ -351,3 +352,43 @@ def test_the_two_scripts_controls_train_alike():
 
     assert figures(l2_control) == figures(dropout_control)
     assert l2_control["confusion_matrix"] == dropout_control["confusion_matrix"]
+
+
+def test_the_error_bars_are_error_bars_py_over_the_committed_seed_runs():
+    """README's regularization error bars: error_bars.py over modelset/reference/seeds/, whose runs
+    hold out a validation split, train on the full data and name the committed code that made
+    them."""
+    found = {}
+    for script in ("l2_regularization", "dropout_regularization"):
+        folders = sorted((REFERENCE / "seeds" / script).iterdir())
+        for summary in error_bars.summaries(folders):
+            found[summary["script"], summary["names"][0]] = summary
+            for path in summary["results"]:
+                result = json.loads(Path(path).read_text())
+                assert result["config"]["val_fraction"] == 0.1 and result["validation"] is True
+                assert result["data"]["train_images"] == 50_000
+                assert result["environment"]["subset"] is None
+                assert result["environment"]["code"]["changed"] is False
+                assert re.fullmatch("[0-9a-f]{40}", result["environment"]["code"]["commit"])
+    rows = evidence_rows((ROOT / "README.md").read_text(), "seeds")
+    assert len(rows) == len(found) >= 6
+    for script_cell, config, _, seeds, last_epoch, picked, gap in rows:
+        script = script_cell.strip("`") or script
+        summary = found[script, f"config_{config}"]
+        assert seeds == ", ".join(map(str, summary["seeds"])) and len(summary["seeds"]) >= 3
+        assert last_epoch == error_bars.shown(summary["last_epoch_test_accuracy"], "%")
+        epochs = ", ".join(map(str, summary["val_picked_test_accuracy"]["epochs"]))
+        shown = error_bars.shown(summary["val_picked_test_accuracy"], "%")
+        assert picked == f"{shown} (epochs {epochs})"
+        assert gap == error_bars.shown(summary["train_test_gap"], " points")
+    # the docstrings quote the same figures: each script's own configs and the shared control
+    for script in ("l2_regularization", "dropout_regularization"):
+        mine = [summary for (name, _), summary in found.items() if name == f"{script}.py"]
+        control = found["l2_regularization.py", "config_1"]
+        allowed = {
+            error_bars.shown(summary[key], "%")
+            for summary in [*mine, control]
+            for key in ("last_epoch_test_accuracy", "val_picked_test_accuracy")
+        }
+        quoted = re.findall(r"\d+\.\d\d \+- \d+\.\d\d%", SCRIPTS[script].__doc__)
+        assert len(quoted) >= 6 and set(quoted) <= allowed
