@@ -53,10 +53,11 @@ def shown(result, column):
     """A column's figure of `result` as a published table writes it; the report's with its own
     decimals."""
     key, shape = COLUMNS[column]
-    if key == "reported" and result["reported"] is None:
+    reported = result["reported"]
+    if key == "reported" and reported is None:  # a config the report did not train
         return "none"
     if key == "reported":
-        return f"{result['reported']['test_accuracy']:.{result['reported'].get('decimals', 2)}f}%"
+        return f"{reported['test_accuracy']:.{reported.get('decimals', 2)}f}%"
     return shape.format(figure(result, key))
 
 
@@ -117,6 +118,16 @@ def test_every_docstring_table_is_the_committed_runs(script):
                 )
 
 
+def assert_whole_run_on_the_full_data(script, name):
+    """The reference config `name` of `script` trained on all of CIFAR-10, no --subset or
+    --dry-run, and drew its curves; its results."""
+    result = reference(script, name)
+    assert result["data"]["train_images"] == 50_000 and result["data"]["test_images"] == 10_000
+    assert result["environment"]["subset"] is None and not result["environment"]["dry_run"]
+    assert (REFERENCE / script / name / "curves.png").exists()
+    return result
+
+
 def test_reference_runs_hold_what_the_readme_promises():
     for script in SCRIPTS:
         summary = summary_configs(REFERENCE / script / "summary.json")
@@ -127,12 +138,7 @@ def test_reference_runs_hold_what_the_readme_promises():
             for entry in summary
         )
         for entry in summary:
-            result = reference(script, entry["name"])
-            assert (
-                result["data"]["train_images"] == 50_000 and result["data"]["test_images"] == 10_000
-            )
-            assert result["environment"]["subset"] is None and not result["environment"]["dry_run"]
-            assert (REFERENCE / script / entry["name"] / "curves.png").exists()
+            assert_whole_run_on_the_full_data(script, entry["name"])
     assert not list(REFERENCE.rglob("checkpoint.pt")) and not list(REFERENCE.rglob(".lock"))
     assert sum(path.stat().st_size for path in REFERENCE.rglob("*") if path.is_file()) < 8_000_000
 
@@ -144,17 +150,12 @@ def test_the_resnet_reference_configs_trained_every_epoch_on_the_full_data():
     folders = sorted((REFERENCE / "resnet18").glob("config_*"))
     assert "config_4" in {folder.name for folder in folders}
     for folder in folders:
-        result = json.loads((folder / "results.json").read_text())
+        result = assert_whole_run_on_the_full_data("resnet18", folder.name)
         assert result["status"] == "completed"
         assert len(result["history"]) == result["config"]["num_epochs"]
-        assert result["data"]["train_images"] == 50_000
-        assert result["data"]["test_images"] == 10_000
-        assert result["environment"]["subset"] is None
-        assert not result["environment"]["dry_run"]
         assert re.fullmatch("[0-9a-f]{40}", result["environment"]["code"]["commit"])
         assert result["environment"]["code"]["changed"] is False
         assert result["precision"].startswith("bf16")
-        assert (folder / "curves.png").exists()
         assert (folder / "confusion.png").exists()
         assert not (folder / "model.pth").exists()
 
