@@ -80,14 +80,28 @@ def pytest_configure(config):
     )
 
 
+def _ignored_by_the_tests(signal_number, frame):
+    """The tests' process on a signal its launcher told it to ignore: nothing, as before."""
+
+
 @pytest.fixture(autouse=True, scope="session")
-def scripts_can_be_interrupted():
-    """A shell starts a background job (`pytest ... &`, nohup) with Ctrl-C ignored, and the scripts
-    the tests start would inherit that and ignore it too, as they should. Handled here, SIGINT
-    reaches them as usual."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+def scripts_can_be_stopped():
+    """nohup starts pytest with SIGHUP ignored, and a shell its background jobs (`pytest ... &` in
+    a script) with Ctrl-C ignored. The scripts the tests start would inherit that and keep ignoring
+    the signal, as a run should (common.run_main), and a test that sends it would see the run go on
+    to its end. A stopping signal ignored here is caught instead, by a handler that does nothing:
+    this process still ignores it, and a process it starts begins with the signal's default action
+    (a caught signal is reset at exec, an ignored one is not)."""
+    import common
+
+    numbers = (signal.SIGINT, *common.STOPPING_SIGNALS)
+    previous = {number: signal.getsignal(number) for number in numbers}
+    for number, handler in previous.items():
+        if handler == signal.SIG_IGN:
+            signal.signal(number, _ignored_by_the_tests)
     yield
-    signal.signal(signal.SIGINT, previous)
+    for number, handler in previous.items():
+        signal.signal(number, handler)
 
 
 @pytest.fixture(autouse=True)

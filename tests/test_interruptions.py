@@ -355,17 +355,21 @@ def sigterm_then_wait():
 
 
 def test_sigterm_is_handled_like_ctrl_c_unless_it_was_ignored(capsys):
-    with pytest.raises(SystemExit) as exit:
-        common.run_main(sigterm_then_wait)
-    assert exit.value.code == 143
-    message = capsys.readouterr().err.strip().splitlines()
-    assert len(message) == 1 and "interrupted" in message[0] and "nothing was saved" in message[0]
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the process's own handler is back
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a launcher that ignores it would leave it
+    before = signal.getsignal(signal.SIGTERM)  # as the tests' fixtures left it
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a shell starts a program
     try:
+        with pytest.raises(SystemExit) as exit:
+            common.run_main(sigterm_then_wait)
+        assert exit.value.code == 143
+        message = capsys.readouterr().err.strip().splitlines()
+        assert len(message) == 1 and "interrupted" in message[0]
+        assert "nothing was saved" in message[0]
+        # the process's own handler is back
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a launcher that ignores it leaves it
         with pytest.raises(SystemExit) as exit:
             common.run_main(sigterm_then_wait)
         assert exit.value.code == 0
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, before)
