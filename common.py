@@ -1084,6 +1084,7 @@ class Record:
         self._saving_error = None
         self.folder = run.new_run_dir() / name
         self.started = time.perf_counter()  # for the time left, printed after every epoch
+        self.last_epoch_end = self.started  # where the next epoch's wall time starts
         environment = {
             "torch": torch.__version__,
             "python": platform.python_version(),
@@ -1155,23 +1156,28 @@ class Record:
 
     def add_epoch(self, meter, seconds, warmup_seconds=0.0, **accuracies):
         """Records epoch meter.epoch: its running loss and accuracy, `seconds` of training (the
-        warm-up's `warmup_seconds` apart) and `accuracies` (METRICS' keys), and prints it. Returns
-        False when the loss is NaN, infinite or blown up: the config is then "diverged" and its
-        training ends. The checkpoint and results.json are written in a thread while the next epoch
-        trains (a GPU epoch can take about as long as writing 90 MB); the next add_epoch, finish()
-        and an interruption wait for them."""
+        warm-up's `warmup_seconds` apart), `accuracies` (METRICS' keys) and its wall time (from the
+        epoch before's add_epoch, or in a new process from Record(): all of it), and prints it.
+        Returns False when the loss is NaN, infinite or blown up: the config is then "diverged" and
+        its training ends. The checkpoint and results.json are written in a thread while the next
+        epoch trains (a GPU epoch can take about as long as writing 90 MB); the next add_epoch,
+        finish() and an interruption wait for them."""
         unknown = set(accuracies) - set(METRICS)
         if unknown:
             raise ValueError(f"add_epoch: {sorted(unknown)} are not in common.METRICS")
         history = self.result["history"]
         loss = meter.loss()
+        now = time.perf_counter()
         entry = {
             "epoch": len(history) + 1,
             "train_loss": loss if math.isfinite(loss) else None,
             "train_accuracy": meter.accuracy(),
             **accuracies,
             "seconds": seconds,
+            # since the epoch before ended, or this process began the config: all of it
+            "wall_seconds": now - self.last_epoch_end,
         }
+        self.last_epoch_end = now
         if meter.warmup_steps:
             entry["warmup_seconds"] = warmup_seconds
         if not math.isfinite(loss) or loss > BLOWN_UP_LOSS:
@@ -1283,6 +1289,9 @@ class Record:
         # warm-up, evaluation apart
         result["train_seconds"] = sum(entry["seconds"] for entry in history)
         result["warmup_seconds"] = sum(entry.get("warmup_seconds", 0.0) for entry in history)
+        walls = [entry.get("wall_seconds") for entry in history]
+        # None: an epoch trained by code that did not time it yet
+        result["wall_seconds"] = None if None in walls else sum(walls)
         result["versus_report"] = None
         comparable = not result["not_compared"] and "test_accuracy" in reported
         if comparable and "final_test_accuracy" in result:

@@ -17,6 +17,9 @@ import lenet_cpu
 from conftest import ROOT, new_run, on_cpu
 
 
+TIMINGS = ("seconds", "warmup_seconds", "wall_seconds")  # an epoch's times, not its figures
+
+
 def history(folder):
     return json.loads((folder / "results.json").read_text())["history"]
 
@@ -82,16 +85,34 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(
     assert [e["epoch"] for e in history(folder)] == list(range(1, 61))
     assert (tmp_path / "interrupted" / "latest").read_text().strip() == "run_001"
     strip = [
-        {k: v for k, v in e.items() if k not in ("seconds", "warmup_seconds")}
+        {k: v for k, v in e.items() if k not in TIMINGS}
         for e in history(straight)
     ]
     assert [
-        {k: v for k, v in e.items() if k not in ("seconds", "warmup_seconds")}
+        {k: v for k, v in e.items() if k not in TIMINGS}
         for e in history(folder)
     ] == strip
     final = torch.load(folder / "model.pth")
     reference = torch.load(straight / "model.pth")
     assert all(torch.equal(final[key], reference[key]) for key in reference)
+    # the wall time of both processes' epochs, the time between them apart
+    results = json.loads((folder / "results.json").read_text())
+    assert results["wall_seconds"] == sum(entry["wall_seconds"] for entry in history(folder))
+
+
+def test_a_config_resumed_from_epochs_that_were_not_wall_timed_has_no_wall_time(
+    data_dir, tmp_path
+):
+    """Epochs saved by code from before wall times were recorded: a sum of the others would be
+    taken for the whole."""
+    arguments, folder = interrupted_run(data_dir, tmp_path)
+    checkpoint = torch.load(folder / "checkpoint.pt", weights_only=True)
+    untimed = [{k: v for k, v in e.items() if k != "wall_seconds"} for e in checkpoint["history"]]
+    replace_checkpoint(folder / "checkpoint.pt", history=untimed)
+    assert lenet_cpu.main(arguments) == 0  # finishes the config: its final figures
+    results = json.loads((folder / "results.json").read_text())
+    assert results["status"] == "completed" and results["wall_seconds"] is None
+    assert results["train_seconds"] == results["history"][0]["seconds"]
 
 
 @pytest.mark.slow

@@ -41,10 +41,21 @@ def test_run_writes_results_and_never_overwrites(data_dir, tmp_path, capsys):
     results = json.loads((folder / "results.json").read_text())
     assert results["status"] == "completed" and results["config"]["batch_size"] == 4
     assert [sorted(e) for e in results["history"]] == [
-        ["epoch", "seconds", "test_accuracy", "train_accuracy", "train_loss", "warmup_seconds"]
+        [
+            "epoch",
+            "seconds",
+            "test_accuracy",
+            "train_accuracy",
+            "train_loss",
+            "wall_seconds",
+            "warmup_seconds",
+        ]
     ]
     assert results["final_test_accuracy"] == results["history"][-1]["test_accuracy"]
     assert results["train_seconds"] == results["history"][0]["seconds"]
+    # the wall time holds the training time, and the evaluation and saving beside it
+    assert results["wall_seconds"] == results["history"][0]["wall_seconds"]
+    assert results["wall_seconds"] > results["train_seconds"] + results["warmup_seconds"]
     # the report's figure is saved, but a 1-epoch run is not the report's config: no comparison
     assert results["reported"]["test_accuracy"] == 60 and results["versus_report"] is None
     assert "not compared with the report: other epochs" in output and "report: 60% (" not in output
