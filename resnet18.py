@@ -42,11 +42,12 @@ The report (one A100): 86.09, 88.59, 88.40, 89.56% for configs 1-4 in 186.00, 30
 305.84 s of training (REPORTED below; the summary prints ours beside them). Aim for config 5: 94% or
 more in 25 epochs and 30 s of training on one H100. Measured on the full CIFAR-10 (a JPEG copy), a
 2-core CPU with AVX512-BF16, bf16, torch 2.14.1 (modelset/reference/resnet18/; training time: the
-epochs' steps, some of them slowed by other work beside the run, README.md says which):
+epochs' steps, some of them slowed by other work beside the run, README.md says which; wall time:
+the epochs', evaluation included, over every process that trained the config):
 
-    config | report | ours   | training time
-    4      | 89.56% | 84.81% | 15330 s     the last epoch; its best, 87.13% in epoch 23
-    8      | none   | 80.47% | 1586 s      config 4 on the 7x7 stem; its best, 80.83% in epoch 24
+    config | report | ours   | training time | wall time
+    4      | 89.56% | 84.81% | 15330 s       | not recorded  the last epoch; best 87.13% in epoch 23
+    8      | none   | 80.47% | 1586 s        | not recorded  the 7x7 stem; best 80.83% in epoch 24
 
 Config 5 is training; configs 1-3 and every GPU figure are not measured yet (no GPU has been lent
 to this repository). On this CPU a 25-epoch config trains for hours (the script says how many once

@@ -26,7 +26,15 @@ SCRIPTS = {
 }
 # the scripts whose README table and docstring table publish their reference configs' figures
 PUBLISHED = SCRIPTS | {"resnet18": resnet18}
-# what a column of a published table shows, and how the table writes it
+
+
+def wall_time(seconds):
+    """A config's wall time as the tables write it: None or absent when the code that trained it
+    did not record wall times yet."""
+    return "not recorded" if seconds is None else common.duration(seconds)
+
+
+# what a column of a published table shows, and how the table writes it (a format or a function)
 COLUMNS = {
     "ours": ("final_test_accuracy", "{:.2f}%"),
     "test accuracy": ("final_test_accuracy", "{:.2f}%"),
@@ -35,6 +43,7 @@ COLUMNS = {
     "train-test gap": ("train_test_gap", "{:.2f} points"),
     "weight norm": ("weight_norm", "{:.2f}"),
     "training time": ("train_seconds", "{:.0f} s"),
+    "wall time": ("wall_seconds", wall_time),
     "report": ("reported", None),
 }
 
@@ -46,6 +55,8 @@ def reference(script, name):
 def figure(result, key):
     if key == "weight_norm":
         return result["extra"]["weight_norm"]
+    if key == "wall_seconds":
+        return result.get(key)
     return result["reported"]["test_accuracy"] if key == "reported" else result[key]
 
 
@@ -58,7 +69,7 @@ def shown(result, column):
         return "none"
     if key == "reported":
         return f"{reported['test_accuracy']:.{reported.get('decimals', 2)}f}%"
-    return shape.format(figure(result, key))
+    return shape(figure(result, key)) if callable(shape) else shape.format(figure(result, key))
 
 
 def summary_configs(path):
