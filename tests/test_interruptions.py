@@ -369,28 +369,36 @@ def test_damaged_results_from_the_command_line_end_with_one_line(data_dir, tmp_p
     )
 
 
-def sigterm_then_wait():
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(0.5)  # the handler runs at once; an ignored signal lets the wait end normally
-    return 0
+def signal_then_wait(signal_number):
+    """A main() that sends its own process `signal_number`, then waits half a second."""
+
+    def main():
+        os.kill(os.getpid(), signal_number)
+        time.sleep(0.5)  # the handler runs at once; an ignored signal lets the wait end normally
+        return 0
+
+    return main
 
 
-def test_sigterm_is_handled_like_ctrl_c_unless_it_was_ignored(capsys):
-    before = signal.getsignal(signal.SIGTERM)  # as the tests' fixtures left it
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a shell starts a program
+@pytest.mark.parametrize("signal_number", common.STOPPING_SIGNALS)
+def test_a_stopping_signal_is_handled_like_ctrl_c_unless_it_was_ignored(signal_number, capsys):
+    """SIGTERM (kill) and SIGHUP (a closed terminal); a run started under nohup, SIGHUP ignored,
+    goes on when its terminal closes."""
+    before = signal.getsignal(signal_number)  # as the tests' fixtures left it
+    signal.signal(signal_number, signal.SIG_DFL)  # as a shell starts a program
     try:
         with pytest.raises(SystemExit) as exit:
-            common.run_main(sigterm_then_wait)
-        assert exit.value.code == 143
+            common.run_main(signal_then_wait(signal_number))
+        assert exit.value.code == 128 + signal_number
         message = capsys.readouterr().err.strip().splitlines()
         assert len(message) == 1 and "interrupted" in message[0]
         assert "nothing was saved" in message[0]
         # the process's own handler is back
-        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        assert signal.getsignal(signal_number) == signal.SIG_DFL
 
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a launcher that ignores it leaves it
+        signal.signal(signal_number, signal.SIG_IGN)  # as nohup, or a launcher, leaves it
         with pytest.raises(SystemExit) as exit:
-            common.run_main(sigterm_then_wait)
+            common.run_main(signal_then_wait(signal_number))
         assert exit.value.code == 0
     finally:
-        signal.signal(signal.SIGTERM, before)
+        signal.signal(signal_number, before)
