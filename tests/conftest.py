@@ -152,6 +152,13 @@ def time_lenet_steps(monkeypatch, seconds_of_call):
     monkeypatch.setattr(lenet_cpu.Net, "forward", timed_forward)
 
 
+def epoch_figures(history):
+    """A results.json history without its times (seconds, warm-up, wall), which differ from run to
+    run: what two runs that trained alike share."""
+    timings = ("seconds", "warmup_seconds", "wall_seconds")
+    return [{k: v for k, v in entry.items() if k not in timings} for entry in history]
+
+
 def on_cpu(data_dir, out_dir, *more):
     """A script's command line on the CPU, with the data in `data_dir`, the runs in `out_dir`, then
     `more`."""

@@ -15,7 +15,7 @@ import l2_regularization
 import lenet_cpu
 import lenet_multigpu
 import resnet18
-from conftest import ROOT, on_cpu, run_script
+from conftest import ROOT, epoch_figures, on_cpu, run_script
 
 REFERENCE = ROOT / "modelset" / "reference"
 SCRIPTS = {
@@ -383,12 +383,7 @@ def test_the_two_scripts_controls_train_alike():
     both."""
     l2_control = reference("l2_regularization", "config_1")
     dropout_control = reference("dropout_regularization", "config_1")
-
-    def figures(result):
-        timings = ("seconds", "warmup_seconds", "wall_seconds")
-        return [{k: v for k, v in entry.items() if k not in timings} for entry in result["history"]]
-
-    assert figures(l2_control) == figures(dropout_control)
+    assert epoch_figures(l2_control["history"]) == epoch_figures(dropout_control["history"])
     assert l2_control["confusion_matrix"] == dropout_control["confusion_matrix"]
 
 

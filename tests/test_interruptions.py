@@ -14,10 +14,7 @@ import torch.optim as optim
 
 import common
 import lenet_cpu
-from conftest import ROOT, new_run, on_cpu
-
-
-TIMINGS = ("seconds", "warmup_seconds", "wall_seconds")  # an epoch's times, not its figures
+from conftest import ROOT, epoch_figures, new_run, on_cpu
 
 
 def history(folder):
@@ -84,14 +81,7 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(
     straight = tmp_path / "straight" / "run_001" / "config_1"
     assert [e["epoch"] for e in history(folder)] == list(range(1, 61))
     assert (tmp_path / "interrupted" / "latest").read_text().strip() == "run_001"
-    strip = [
-        {k: v for k, v in e.items() if k not in TIMINGS}
-        for e in history(straight)
-    ]
-    assert [
-        {k: v for k, v in e.items() if k not in TIMINGS}
-        for e in history(folder)
-    ] == strip
+    assert epoch_figures(history(folder)) == epoch_figures(history(straight))
     final = torch.load(folder / "model.pth")
     reference = torch.load(straight / "model.pth")
     assert all(torch.equal(final[key], reference[key]) for key in reference)

@@ -53,7 +53,7 @@ def test_run_writes_results_and_never_overwrites(data_dir, tmp_path, capsys):
     ]
     assert results["final_test_accuracy"] == results["history"][-1]["test_accuracy"]
     assert results["train_seconds"] == results["history"][0]["seconds"]
-    # the wall time holds the training time, and the evaluation and saving beside it
+    # the wall time holds the training time, the warm-up and the evaluation beside them
     assert results["wall_seconds"] == results["history"][0]["wall_seconds"]
     assert results["wall_seconds"] > results["train_seconds"] + results["warmup_seconds"]
     # the report's figure is saved, but a 1-epoch run is not the report's config: no comparison
