@@ -575,6 +575,7 @@ class Run:
         self.code = code_version(script)  # once per run: two git calls
         self.records = []
         self.epochs_left = 0  # in the chosen configs, for the time left
+        self.epochs_saved = {}  # of each chosen config, in the run folder --resume continues
         self.data = {}  # what load_data() loaded, recorded and checked on resume
         self.run_dir = None
         self._lock = None
@@ -630,7 +631,10 @@ class Run:
         given = {key: value for key, value in overrides.items() if value is not None}
         numbers = self.args.configs or range(1, len(configs) + 1)
         chosen = [(number, {**configs[number - 1], **given}) for number in numbers]
+        for number, config in chosen:
+            self.epochs_saved[f"config_{number}"] = self._saved_epochs(f"config_{number}", config)
         self.epochs_left = sum(config["num_epochs"] for _, config in chosen)
+        self.epochs_left -= sum(self.epochs_saved.values())
         for number, config in chosen:
             yield f"config_{number}", config
 
@@ -668,6 +672,19 @@ class Run:
                 f"batch size {batch_size} exceeds the {len(split.labels)} training images: lower it"
             )
         return Batches(split, batch_size, self.device, self.mean, self.std, self.args.seed)
+
+    def _saved_epochs(self, name, config):
+        """The epochs of config `name` that the run folder --resume continues holds, as its
+        results.json says (all of them once completed or diverged); 0 where it cannot tell:
+        Record.resume() then reads the files, and refuses damaged ones."""
+        if self.run_dir is None:
+            return 0
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            saved = json.loads((self.run_dir / name / "results.json").read_text())
+            if saved["status"] in ("completed", "diverged"):
+                return config["num_epochs"]
+            return len(saved["history"])
+        return 0
 
     def new_run_dir(self):
         """This run's folder, made (and locked) when training starts: a run that fails before leaves
@@ -1139,7 +1156,8 @@ class Record:
         0 for a new config, num_epochs for one already completed or diverged."""
         self.state = {"model": unwrap(model), "optimizer": optimizer, **more}
         self.start_epoch = self._restore() if self.run.args.resume is not None else 0
-        self.run.epochs_left -= self.start_epoch
+        # configs() counted the epochs results.json lists; the checkpoint has the last word
+        self.run.epochs_left += self.run.epochs_saved.get(self.name, 0) - self.start_epoch
         return self.start_epoch
 
     def meter(self, epoch, steps):

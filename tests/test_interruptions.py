@@ -13,6 +13,7 @@ import torch
 import torch.optim as optim
 
 import common
+import l2_regularization
 import lenet_cpu
 from conftest import ROOT, epoch_figures, new_run, on_cpu
 
@@ -134,6 +135,18 @@ def test_resume_skips_finished_configs_and_refuses_changed_ones(data_dir, tmp_pa
     assert not (tmp_path / "run_002").exists()
     with pytest.raises(common.ExperimentError, match="trained with config .* not .*'lr': 0.5"):
         lenet_cpu.main([*arguments, "--resume", "--lr", "0.5"])
+
+
+def test_a_resumed_run_counts_only_the_epochs_it_has_left(data_dir, tmp_path):
+    """On the CPU: the time left leaves out every epoch the run folder holds, even of a completed
+    config that --configs names after one still to train."""
+    first = on_cpu(data_dir, tmp_path, "--configs", "1", "--epochs", "2")
+    assert l2_regularization.main(first) == 0
+    arguments = on_cpu(data_dir, tmp_path, "--configs", "2", "1", "--epochs", "2", "--resume")
+    parsed = common.parse_args("test", l2_regularization.CONFIGS, arguments)
+    run = new_run("l2_regularization.py", parsed)
+    list(run.configs(l2_regularization.CONFIGS))
+    assert run.epochs_left == 2  # config 2's; config 1 is completed
 
 
 def test_resume_without_a_run_is_a_clear_error(tmp_path):
