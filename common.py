@@ -631,8 +631,10 @@ class Run:
         given = {key: value for key, value in overrides.items() if value is not None}
         numbers = self.args.configs or range(1, len(configs) + 1)
         chosen = [(number, {**configs[number - 1], **given}) for number in numbers]
-        for number, config in chosen:
-            self.epochs_saved[f"config_{number}"] = self._saved_epochs(f"config_{number}", config)
+        self.epochs_saved = {
+            f"config_{number}": self._saved_epochs(f"config_{number}", config)
+            for number, config in chosen
+        }
         self.epochs_left = sum(config["num_epochs"] for _, config in chosen)
         self.epochs_left -= sum(self.epochs_saved.values())
         for number, config in chosen:
@@ -679,8 +681,8 @@ class Run:
         Record.resume() then reads the files, and refuses damaged ones."""
         if self.run_dir is None:
             return 0
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            saved = json.loads((self.run_dir / name / "results.json").read_text())
+        with contextlib.suppress(ExperimentError, TypeError):  # TypeError: a history not a list
+            saved = load_saved(self.run_dir / name / "results.json", refused)
             if saved["status"] in ("completed", "diverged"):
                 return config["num_epochs"]
             return len(saved["history"])
