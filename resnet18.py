@@ -67,11 +67,26 @@ import torch.nn.functional as F
 import torch.optim as optim
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+# the report's normalization (its code; the std is the common one of kuangliu/pytorch-cifar)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 
-# The report gave epochs, lr and momentum only. Our choice for the rest: batch size 128, random crop
-# and flip, a constant learning rate, no weight decay, no label smoothing: plain SGD as reported.
+# The report's recipe, as its code ran it: batch 128, random crop and flip, SGD with weight decay
+# 5e-4 on every parameter, CosineAnnealingLR(T_max=200) stepped once an epoch (after 25 epochs the
+# lr is still 96% of its start), plain cross-entropy.
 REPORT = dict(
+    batch_size=128,
+    augment=True,
+    schedule="cosine_per_epoch",
+    t_max=200,
+    warmup_epochs=0,
+    nesterov=False,
+    weight_decay=5e-4,
+    label_smoothing=0.0,
+    val_fraction=0.0,
+)
+# Our guess at it before the report's code was published (configs 7-9): a constant lr and no
+# weight decay.
+GUESSED = dict(
     batch_size=128,
     augment=True,
     schedule="constant",
@@ -104,11 +119,13 @@ CONFIGS = [
     # tuning without the test set: 10% of the training images held out, cosine schedule
     dict(num_epochs=25, lr=0.4, momentum=0.9, **MODERN) | dict(schedule="cosine", val_fraction=0.1),
     # the schedule of other course reports: StepLR(step_size=20 epochs, gamma=0.5)
-    dict(num_epochs=40, lr=0.01, momentum=0.9, **REPORT)
+    dict(num_epochs=40, lr=0.01, momentum=0.9, **GUESSED)
     | dict(schedule="step", step_epochs=20, gamma=0.5),
-    # config 4 on the ImageNet form of the network (Dive into Deep Learning's ResNet-18,
-    # torchvision's resnet18): a 7x7 stride-2 stem and a max-pool, 15 times fewer operations
-    dict(num_epochs=25, lr=0.005, momentum=0.95, **REPORT) | dict(stem="imagenet"),
+    # config 4 as we guessed it (constant lr, no weight decay) on the ImageNet form of the network
+    # (torchvision's resnet18): a 7x7 stride-2 stem and a max-pool, 15 times fewer operations
+    dict(num_epochs=25, lr=0.005, momentum=0.95, **GUESSED) | dict(stem="imagenet"),
+    # config 4 as we guessed it: without the report's weight decay and schedule
+    dict(num_epochs=25, lr=0.005, momentum=0.95, **GUESSED),
 ]
 # The report's test accuracy and training seconds (one A100) per config, printed and saved beside
 # ours.
@@ -264,20 +281,24 @@ def get_lr(step, config, steps_per_epoch):
     # 1) linear warm-up: from lr / warmup_steps up to lr
     if step < warmup_steps:
         return config["lr"] * ((step + 1) / warmup_steps)
-    # 2) constant: the report's plain SGD
+    # 2) constant
     if config["schedule"] == "constant":
         return config["lr"]
-    # 3) step: x gamma every step_epochs epochs, as torch's StepLR stepped once an epoch
+    # 3) the report's: CosineAnnealingLR(T_max) stepped once an epoch
+    if config["schedule"] == "cosine_per_epoch":
+        epoch = step // steps_per_epoch
+        return config["lr"] * 0.5 * (1 + math.cos(math.pi * epoch / config["t_max"]))
+    # 4) step: x gamma every step_epochs epochs, as torch's StepLR stepped once an epoch
     if config["schedule"] == "step":
         return config["lr"] * config["gamma"] ** (step // (config["step_epochs"] * steps_per_epoch))
-    # 4) linear (the one-cycle shape) or cosine: from lr after the warm-up down to 0 at the last
+    # 5) linear (the one-cycle shape) or cosine: from lr after the warm-up down to 0 at the last
     # step
     progress = (step - warmup_steps) / max(1, config["num_epochs"] * steps_per_epoch - warmup_steps)
     if config["schedule"] == "linear":
         return config["lr"] * max(0.0, 1 - progress)
     if config["schedule"] == "cosine":
         return config["lr"] * (0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-    raise ValueError(f"unknown schedule {config['schedule']!r}: constant, step, linear or cosine")
+    raise ValueError(f"unknown schedule {config['schedule']!r}")
 
 
 @torch.no_grad()
@@ -384,7 +405,9 @@ def main(argv=None):
                     accuracies = {"val_accuracy": common.evaluate(model, val_batches)}
                 else:
                     accuracies = {"test_accuracy": common.evaluate(model, test_batches)}
-                if not record.add_epoch(meter, seconds, warmup_seconds, **accuracies):
+                # the report's loop timed the steps and this evaluation
+                eval_seconds = common.clock(run.device) - ended
+                if not record.add_epoch(meter, seconds, warmup_seconds, eval_seconds, **accuracies):
                     break  # diverged
             if record.status == "running":  # every epoch trained
                 tta = round(flip_tta_accuracy(model.eval(), test_batches), 2)
