@@ -314,8 +314,8 @@ def hold_out(split, fraction):
 
 class Batches:
     """A split as one normalized tensor, (x / 255 - mean) / std, on `device`. Iterating yields every
-    image in order; epoch(n) yields epoch n's full training batches, shuffled by a permutation
-    seeded by the seed and n alone."""
+    image in order; epoch(n) yields epoch n's training batches (every image, the last batch short),
+    shuffled by a permutation seeded by the seed and n alone."""
 
     def __init__(self, split, batch_size, device, mean, std, seed=0):
         # kept to show the images again (predictions.png)
@@ -326,7 +326,8 @@ class Batches:
         self.labels = split.labels.to(device)
         self.batch_size = batch_size
         self.seed = seed
-        self.steps = len(self.labels) // batch_size  # of a training epoch
+        # of a training epoch: the last one short, as a DataLoader's (the report's loaders)
+        self.steps = math.ceil(len(self.labels) / batch_size)
 
     def __iter__(self):
         for start in range(0, len(self.labels), self.batch_size):
@@ -338,9 +339,7 @@ class Batches:
     def epoch(self, epoch):
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, "order"))
         order = torch.randperm(len(self.labels), generator=generator)
-        for index in (
-            order[: self.steps * self.batch_size].to(self.labels.device).split(self.batch_size)
-        ):
+        for index in order.to(self.labels.device).split(self.batch_size):
             yield self.images[index], self.labels[index]
 
 

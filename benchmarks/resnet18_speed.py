@@ -111,7 +111,7 @@ def main():
         started = common.clock(device)
         common.evaluate(model, test_batches)
         evaluation_seconds.append(common.clock(device) - started)
-    train_rate = batches.steps * config["batch_size"] / statistics.median(seconds[1:])
+    train_rate = len(batches.labels) / statistics.median(seconds[1:])
     evaluation_rate = args.images / statistics.median(evaluation_seconds[1:])
     epochs = CONFIG["num_epochs"]
     run_seconds = epochs * (TRAINING_IMAGES / train_rate + TEST_IMAGES / evaluation_rate)
