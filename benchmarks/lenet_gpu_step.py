@@ -24,6 +24,7 @@ import torch.optim as optim
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
+import lenet_cpu  # noqa: E402
 import lenet_multigpu  # noqa: E402
 from resnet18_speed import Sums  # noqa: E402
 
@@ -40,7 +41,7 @@ def milliseconds_per_step(device, batch_size, steps, compiled):
     batches = common.Batches(split, batch_size, device, (0.5,) * 3, (0.5,) * 3)
     model = lenet_multigpu.Net().to(device)
     if compiled:
-        model = torch.compile(model, mode=common.lenet_compile_mode(device))
+        model = torch.compile(model, mode=lenet_cpu.compile_mode(device))
     optimizer = optim.SGD(model.parameters(), lr=0.001, momentum=0.9, fused=True)
     criterion = nn.CrossEntropyLoss()
     started = common.clock(device)
@@ -74,7 +75,7 @@ def main():
     print(f"device: {name}, batch size {args.batch_size}, torch {torch.__version__}")
     results = {}
     for compiled in (False, True):
-        mode = f"compile ({common.lenet_compile_mode(device)})" if compiled else "eager"
+        mode = f"compile ({lenet_cpu.compile_mode(device)})" if compiled else "eager"
         warmup_seconds, milliseconds = milliseconds_per_step(
             device, args.batch_size, args.steps, compiled
         )

@@ -73,14 +73,14 @@ def main():
         torch.randint(0, 10, (args.images,)),
     )
     batches = common.Batches(
-        split, config["batch_size"], device, resnet18.CIFAR10_MEAN, resnet18.CIFAR10_STD
+        split, config["batch_size"], device, resnet18.MEAN, resnet18.STD
     )
-    test_batches = common.Batches(split, 1000, device, resnet18.CIFAR10_MEAN, resnet18.CIFAR10_STD)
+    test_batches = common.Batches(split, 1000, device, resnet18.MEAN, resnet18.STD)
     if args.precision == "fp32":
         model = resnet18.ResNet18().to(device)
     else:
         model = resnet18.build_model(device)
-    precision = resnet18.precision_name(model.compute_dtype)
+    precision = resnet18.PRECISIONS[model.compute_dtype]
     model = torch.compile(model) if args.compile else model
     optimizer = optim.SGD(
         model.parameters(),
