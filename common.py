@@ -879,7 +879,7 @@ class EpochMeter:
         if run.estimating and warmed_up and time.perf_counter() > self.warmup_end + 5:
             run.estimating = False  # once per run: the pace after the warm-up
             pace = (time.perf_counter() - self.warmup_end) / (self.done - self.warmup_steps)
-            left = pace * (self.steps * run.epochs_left() - self.done)
+            left = pace * self.steps * run.epochs_left()
             if left > 600:
                 print(f"at this pace its training alone takes {duration(left)}; a short run: "
                       f"{run.short_command()}")
@@ -1118,9 +1118,12 @@ class Record:
                                                    f"{len(saved['history'])} epochs")
             return 0
         checkpoint = load_saved(checkpoint_file, self._load_checkpoint)
-        self.result["history"] = checkpoint["history"]
-        print(f"{self.name}: resuming after epoch {checkpoint['epoch']}")
-        return checkpoint["epoch"]
+        epoch = checkpoint["epoch"]
+        # results.json, written after the checkpoint, has each epoch's save and wall seconds too
+        complete = len(saved["history"]) == epoch
+        self.result["history"] = saved["history"] if complete else checkpoint["history"]
+        print(f"{self.name}: resuming after epoch {epoch}")
+        return epoch
 
     def _load_checkpoint(self, checkpoint):
         epoch = checkpoint["epoch"]
@@ -1172,10 +1175,10 @@ def load_saved(path, load=None):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise DamagedFile(path, "it is missing") from None
-    except pickle.UnpicklingError:  # torch's weights_only refusal
-        raise DamagedFile(path, "it holds more than tensors and plain data (code to run), so it "
-                                "is not loaded") from None
-    except Exception as error:  # cut short, or not a torch file
+    except Exception as error:  # cut short, not a torch file, or refused by weights_only
+        if "GLOBAL" in str(error):  # a pickle asking for a function or a class
+            raise DamagedFile(path, "it holds more than tensors and plain data (code to run), so "
+                                    "it is not loaded") from None
         raise DamagedFile(path, f"it is damaged ({first_line(error)})") from None
     try:
         if load:

@@ -1,8 +1,10 @@
-"""Tiny CIFAR-10 files in the original `cifar-10-batches-py` pickle layout, and script helpers."""
+"""Tiny CIFAR-10 files in the original `cifar-10-batches-py` pickle layout, and ways to run the
+scripts on them."""
 
-import itertools
+import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,69 +17,35 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402
+import lenet_cpu  # noqa: E402
 
-def class_images(labels, rng):
-    """Images a small network can learn: each class has its own colour and a bright square."""
-    images = rng.integers(0, 60, size=(len(labels), 3, 32, 32))
-    for index, label in enumerate(labels):
-        images[index, label % 3] += 120
-        row, column = divmod(int(label), 4)
-        images[index, :, 8 * row : 8 * row + 8, 8 * column : 8 * column + 8] += 70
-    return images.clip(0, 255).astype(np.uint8)
+NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def write_cifar10(folder, per_batch=40, test_count=100, seed=0):
-    """Writes data_batch_1..5, test_batch and batches.meta with the official archive's names and
-    keys.
-
-    (The official files are Python 2 pickles; these are Python 3 ones, read the same way by
-    common.load_cifar10 and by torchvision.)
-    """
+    """data_batch_1..5, test_batch and batches.meta with the official archive's names and keys
+    (Python 3 pickles; the official ones are Python 2's, read alike). Each class has its own colour
+    and a bright square, so a small network learns them."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    names = [
-        "data_batch_1",
-        "data_batch_2",
-        "data_batch_3",
-        "data_batch_4",
-        "data_batch_5",
-        "test_batch",
-    ]
-    for name in names:
-        count = test_count if name == "test_batch" else per_batch
-        labels = rng.integers(0, 10, size=count)
-        batch = {
-            "batch_label": name,
-            "labels": labels.tolist(),
-            "data": class_images(labels, rng).reshape(count, -1),
-            "filenames": [f"image_{i}.png" for i in range(count)],
-        }
-        with open(folder / name, "wb") as file:
-            pickle.dump(batch, file)
-    labels = [
-        "airplane",
-        "automobile",
-        "bird",
-        "cat",
-        "deer",
-        "dog",
-        "frog",
-        "horse",
-        "ship",
-        "truck",
-    ]
-    with open(folder / "batches.meta", "wb") as file:
-        pickle.dump(
-            {"num_cases_per_batch": per_batch, "label_names": labels, "num_vis": 3072}, file
-        )
+    for name in common.FILES:
+        labels = rng.integers(0, 10, size=test_count if name == "test_batch" else per_batch)
+        images = rng.integers(0, 60, size=(len(labels), 3, 32, 32))
+        for index, label in enumerate(labels):
+            images[index, label % 3] += 120
+            row, column = divmod(int(label), 4)
+            images[index, :, 8 * row:8 * row + 8, 8 * column:8 * column + 8] += 70
+        data = images.clip(0, 255).astype(np.uint8).reshape(len(labels), -1)
+        batch = {"batch_label": name, "labels": labels.tolist(), "data": data, "filenames": []}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    meta = {"num_cases_per_batch": per_batch, "label_names": NAMES, "num_vis": 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta))
     return folder
 
 
 def pytest_configure(config):
-    config.addinivalue_line(
-        "markers",
-        'slow: over a second or two on a 2-core CPU; `pytest -m "not slow"` leaves them out',
-    )
+    config.addinivalue_line("markers", 'slow: seconds or more; `pytest -m "not slow"` skips them')
 
 
 def _ignored_by_the_tests(signal_number, frame):
@@ -86,14 +54,10 @@ def _ignored_by_the_tests(signal_number, frame):
 
 @pytest.fixture(autouse=True, scope="session")
 def scripts_can_be_stopped():
-    """nohup starts pytest with SIGHUP ignored, and a shell its background jobs (`pytest ... &` in
-    a script) with Ctrl-C ignored. The scripts the tests start would inherit that and keep ignoring
-    the signal, as a run should (common.run_main), and a test that sends it would see the run go on
-    to its end. A stopping signal ignored here is caught instead, by a handler that does nothing:
-    this process still ignores it, and a process it starts begins with the signal's default action
-    (a caught signal is reset at exec, an ignored one is not)."""
-    import common
-
+    """nohup starts pytest with SIGHUP ignored, a shell its background jobs with Ctrl-C ignored;
+    a script started from here would inherit that and rightly keep ignoring the signal a test
+    sends. A handler that does nothing stands in: this process still ignores the signal, and a
+    process it starts begins with the default action (a caught signal is reset at exec)."""
     numbers = (signal.SIGINT, *common.STOPPING_SIGNALS)
     previous = {number: signal.getsignal(number) for number in numbers}
     for number, handler in previous.items():
@@ -106,9 +70,8 @@ def scripts_can_be_stopped():
 
 @pytest.fixture(autouse=True)
 def torch_settings_restored():
-    """lenet_cpu.main sets one thread and turns oneDNN off for its whole process, as a program may;
-    the tests after it get the defaults back (ResNet-18 in bf16 without oneDNN is many times
-    slower)."""
+    """lenet_cpu.main sets one thread and turns oneDNN off for its process, as a program may; the
+    tests after it get the defaults back (ResNet-18 in bf16 without oneDNN is many times slower)."""
     import torch
 
     threads = torch.get_num_threads()
@@ -135,62 +98,59 @@ def real_data_dir():
     return Path(folder)
 
 
-def time_lenet_steps(monkeypatch, seconds_of_call):
-    """A clock for timing tests: time.perf_counter stands still except in lenet_cpu.Net's forward,
-    whose n-th call (0-based, evaluation's too) moves it by seconds_of_call(n) seconds."""
-    import lenet_cpu
-
-    now = [0.0]
-    calls = itertools.count()
-    forward = lenet_cpu.Net.forward
-
-    def timed_forward(model, images):
-        now[0] += seconds_of_call(next(calls))
-        return forward(model, images)
-
-    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
-    monkeypatch.setattr(lenet_cpu.Net, "forward", timed_forward)
-
-
-def epoch_figures(history):
-    """A results.json history without its times (seconds, warm-up, wall), which differ from run to
-    run: what two runs that trained alike share."""
-    timings = ("seconds", "warmup_seconds", "wall_seconds")
-    return [{k: v for k, v in entry.items() if k not in timings} for entry in history]
-
-
 def on_cpu(data_dir, out_dir, *more):
-    """A script's command line on the CPU, with the data in `data_dir`, the runs in `out_dir`, then
-    `more`."""
+    """A script's command line on the CPU, with the data in `data_dir`, runs in `out_dir`."""
     return ["--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(out_dir), *more]
 
 
-def new_run(script, arguments, data_parallel=False):
-    """common.Run of a script named `script` with parsed `arguments`, LeNet's normalization, no
-    short run."""
-    import common
+def results(folder):
+    """A config's results.json, read."""
+    return json.loads((folder / "results.json").read_text())
 
-    return common.Run(
-        script, arguments, (0.5,) * 3, (0.5,) * 3, short_run="", data_parallel=data_parallel
-    )
+
+def epoch_figures(history):
+    """A history without its times, which differ from run to run: what runs that trained alike
+    share."""
+    return [{k: v for k, v in entry.items() if not k.endswith("seconds")} for entry in history]
+
+
+def files_in(folder):
+    return {path: path.read_bytes() for path in Path(folder).rglob("*") if path.is_file()}
 
 
 def run_script(*args, env=None):
     """Runs a script of the repository as a user would; returns the completed process."""
-    return subprocess.run(
-        [sys.executable, *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=600,
-    )
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=600)
+
+
+def start_script(*args):
+    """A script started as a user would, its output in pipes; for a test to signal it."""
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_epochs(process, folder, count):
+    deadline = time.monotonic() + 120
+    while not ((folder / "results.json").exists() and len(results(folder)["history"]) >= count):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def assert_one_error_line(completed, status=1):
+    assert completed.returncode == status and "Traceback" not in completed.stderr, completed.stderr
+    assert completed.stderr.count("\n") == 1, completed.stderr
+
+
+def stopped(main, capsys):
+    """Runs main() as run_main does; its exit status and stderr."""
+    with pytest.raises(SystemExit) as exit:
+        common.run_main(main)
+    return exit.value.code, capsys.readouterr().err
 
 
 def interrupt_after_epochs(monkeypatch, epochs):
     """Ctrl-C as soon as a config has recorded `epochs` epochs; undone by monkeypatch.undo()."""
-    import common
-
     add_epoch = common.Record.add_epoch
 
     def add_epoch_then_stop(record, *args, **kwargs):
@@ -200,3 +160,38 @@ def interrupt_after_epochs(monkeypatch, epochs):
         return trained_on
 
     monkeypatch.setattr(common.Record, "add_epoch", add_epoch_then_stop)
+
+
+@pytest.fixture(scope="session")
+def interrupted_template(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("interrupted")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        interrupt_after_epochs(monkeypatch, 1)
+        with pytest.raises(SystemExit):
+            common.run_main(lambda: lenet_cpu.main(on_cpu(data_dir, out, "--epochs", "2")))
+    return out
+
+
+@pytest.fixture
+def interrupted(interrupted_template, data_dir, tmp_path):
+    """In tmp_path, a copy of a lenet_cpu run of 2 epochs stopped by Ctrl-C after its first: its
+    command line with --resume, and its config folder."""
+    shutil.copytree(interrupted_template, tmp_path, dirs_exist_ok=True)
+    arguments = on_cpu(data_dir, tmp_path, "--epochs", "2", "--resume")
+    return arguments, tmp_path / "run_001" / "config_1"
+
+
+def fail_writes(monkeypatch, name, nth, error):
+    """The nth rename of a file called `name` into place raises `error` instead, as a full disk
+    or Ctrl-C in the middle of writing it would; the temporary file is there at that moment."""
+    replace = os.replace
+    seen = []
+
+    def failing_replace(source, target):
+        seen.append(Path(target).name)
+        if Path(target).name == name and seen.count(name) == nth:
+            assert Path(source).exists()
+            raise error
+        return replace(source, target)
+
+    monkeypatch.setattr(os, "replace", failing_replace)

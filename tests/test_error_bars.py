@@ -1,108 +1,85 @@
-"""--val-fraction (an epoch picked without the test set) and error_bars.py (mean +- sd over seeds),
-on the CPU."""
+"""error_bars.py: mean +- sd over seeds, paired differences from a control with their confidence
+interval, and runs that are no samples refused in one line."""
 
 import json
+import shutil
 import statistics
 
 import pytest
 
-import common
 import error_bars
 import l2_regularization
-from conftest import on_cpu, run_script
+from conftest import assert_one_error_line, on_cpu, results, run_script
 
 
-def train_seeds(data_dir, out_dir, seeds, *extra):
-    """l2_regularization.py configs 1 and 5, 3 epochs, a validation split, once per seed: the run
-    folders."""
-    for seed in seeds:
-        arguments = on_cpu(
-            data_dir,
-            out_dir,
-            "--configs",
-            "1",
-            "5",
-            "--epochs",
-            "3",
-            "--batch-size",
-            "16",
-            "--val-fraction",
-            "0.25",
-            "--seed",
-            str(seed),
-            *extra,
-        )
-        assert l2_regularization.main(arguments) == 0
-    return sorted(out_dir.glob("run_*"))
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory, data_dir):
+    """l2_regularization.py configs 1 (weight decay 1e-4) and 5 (its control), 3 epochs, a
+    validation split, seeds 1, 2 and 3: the folder of the three runs."""
+    out = tmp_path_factory.mktemp("seeds")
+    for seed in ("1", "2", "3"):
+        argv = on_cpu(data_dir, out, "--configs", "1", "5", "--epochs", "3", "--batch-size", "16",
+                      "--val-fraction", "0.25", "--seed", seed, "--lr", "0.01")
+        assert l2_regularization.main(argv) == 0
+    return out
+
+
+def test_the_student_t_quantiles_are_the_tables():
+    quantiles = [round(error_bars.t_quantile(0.975, n), 3) for n in (1, 2, 3, 5, 10, 30)]
+    assert quantiles == [12.706, 4.303, 3.182, 2.571, 2.228, 2.042]
 
 
 @pytest.mark.slow
-def test_a_validation_split_is_held_out_of_the_training_images_only(data_dir, tmp_path):
-    (run,) = train_seeds(data_dir, tmp_path, [1])
-    result = json.loads((run / "config_5" / "results.json").read_text())
-    assert result["config"]["val_fraction"] == 0.25 and result["validation"] is True
-    # loaded, then split
-    assert result["data"]["train_images"] == 200 and result["data"]["test_images"] == 100
-    assert all(
-        {"val_accuracy", "test_accuracy", "train_eval_accuracy"} <= entry.keys()
-        for entry in result["history"]
-    )
-    assert result["final_test_accuracy"] == result["history"][-1]["test_accuracy"]
-
-
-def test_hold_out_keeps_the_first_images_for_training():
-    split = common.Split(common.torch.arange(10), common.torch.arange(10))
-    train, validation = common.hold_out(split, 0.3)
-    assert train.labels.tolist() == list(range(7)) and validation.labels.tolist() == [7, 8, 9]
-    assert common.hold_out(split, 0.0) == (split, None)
-    with pytest.raises(common.ExperimentError):
-        common.hold_out(split, 0.01)  # nothing left to validate on
-
-
-@pytest.mark.slow
-def test_error_bars_are_mean_and_sample_sd_over_seeds(data_dir, tmp_path, capsys):
-    runs = train_seeds(data_dir, tmp_path, [1, 2, 3])
-    assert error_bars.main([str(tmp_path), "--json", str(tmp_path / "bars.json")]) == 0
+def test_error_bars_are_mean_and_sample_sd_and_paired_intervals(seeds, tmp_path, capsys):
+    assert error_bars.main([str(seeds), "--json", str(tmp_path / "bars.json")]) == 0
     bars = json.loads((tmp_path / "bars.json").read_text())
     assert [group["names"] for group in bars] == [["config_1"], ["config_5"]]
+    runs = sorted(seeds.glob("run_*"))
+    finals = {}
     for group in bars:
-        assert group["seeds"] == [1, 2, 3]
-        results = [
-            json.loads((run / group["names"][0] / "results.json").read_text()) for run in runs
-        ]
-        finals = [result["final_test_accuracy"] for result in results]
-        assert group["last_epoch_test_accuracy"]["mean"] == pytest.approx(statistics.mean(finals))
-        assert group["last_epoch_test_accuracy"]["sd"] == pytest.approx(statistics.stdev(finals))
+        name = group["names"][0]
+        found = [results(run / name) for run in runs]
+        assert group["seeds"] == [1, 2, 3] and found[0]["validation"]
+        finals[name] = [result["final_test_accuracy"] for result in found]
+        assert group["last_epoch_test_accuracy"]["mean"] == pytest.approx(statistics.mean(finals[name]))
+        assert group["last_epoch_test_accuracy"]["sd"] == pytest.approx(statistics.stdev(finals[name]))
         # the epoch is the validation's best; the figure is the test accuracy at that epoch
-        for result, epoch, figure in zip(
-            results,
-            group["val_picked_test_accuracy"]["epochs"],
-            group["val_picked_test_accuracy"]["values"],
-        ):
+        picked = group["val_picked_test_accuracy"]
+        for result, epoch, figure in zip(found, picked["epochs"], picked["values"]):
             best = max(entry["val_accuracy"] for entry in result["history"])
             assert result["history"][epoch - 1]["val_accuracy"] == best
             assert result["history"][epoch - 1]["test_accuracy"] == figure
-        assert len(group["train_test_gap"]["values"]) == 3
-    assert "config_5" in capsys.readouterr().out
+    versus = bars[0]["versus_control"]
+    differences = [a - b for a, b in zip(finals["config_1"], finals["config_5"])]
+    half = 4.303 * statistics.stdev(differences) / 3 ** 0.5
+    assert versus["control"] == "config_5" and "versus_control" not in bars[1]
+    assert versus["last_epoch_test_accuracy"]["mean"] == pytest.approx(statistics.mean(differences))
+    assert versus["last_epoch_test_accuracy"]["ci95"] == pytest.approx(
+        [statistics.mean(differences) - half, statistics.mean(differences) + half], abs=1e-3)
+    assert "minus config_5, last epoch test accuracy, paired over seeds [1, 2, 3]" in capsys.readouterr().out
 
 
 @pytest.mark.slow
-def test_error_bars_refuse_a_seed_twice_and_name_the_files(data_dir, tmp_path):
-    train_seeds(data_dir, tmp_path, [1, 1])
-    finished = run_script("error_bars.py", tmp_path)
-    assert finished.returncode == 1 and "Traceback" not in finished.stderr
-    assert (
-        finished.stderr.count("\n") == 1
-        and "run_001" in finished.stderr
-        and "run_002" in finished.stderr
-    )
+def test_runs_that_are_no_samples_are_refused_in_one_line(seeds, data_dir, tmp_path):
+    """A --dry-run was once averaged with real runs ("seeds 1, 2: 11.00 +- 2.83%")."""
+    shutil.copytree(seeds / "run_001", tmp_path / "twice" / "run_001")
+    shutil.copytree(seeds / "run_001", tmp_path / "twice" / "run_002")
+    assert l2_regularization.main(on_cpu(data_dir, tmp_path / "dry", "--configs", "1", "--dry-run")) == 0
+    (tmp_path / "empty").mkdir()
+    shutil.copytree(seeds / "run_002", tmp_path / "damaged" / "run_001")
+    damaged = tmp_path / "damaged" / "run_001" / "config_1" / "results.json"
+    damaged.write_text(json.dumps(results(damaged.parent) | {"history": []}))
+    cases = {"twice": "same seed", "dry": "dry-run", "empty": "holds no run",
+             "damaged": "completed without epochs"}
+    for folder, fact in cases.items():
+        completed = run_script("error_bars.py", tmp_path / folder)
+        assert_one_error_line(completed)
+        assert fact in completed.stderr and str(tmp_path / folder) in completed.stderr
 
 
 @pytest.mark.slow
-def test_error_bars_refuse_a_folder_without_runs_in_one_line(tmp_path):
-    finished = run_script("error_bars.py", tmp_path)
-    assert (
-        finished.returncode == 1
-        and finished.stderr.count("\n") == 1
-        and str(tmp_path) in finished.stderr
-    )
+def test_a_folder_named_like_a_config_is_not_one(seeds, tmp_path):
+    shutil.copytree(seeds / "run_001", tmp_path / "run_001")
+    shutil.copytree(tmp_path / "run_001" / "config_1", tmp_path / "run_001" / "configX")
+    assert [group["names"] for group in error_bars.summaries([tmp_path])] == [["config_1"],
+                                                                              ["config_5"]]
