@@ -1,23 +1,10 @@
 """Helpers every CIFAR-10 script here needs alike: data, evaluation, the run folder, files, plots.
 
 A script holds its experiment (model, CONFIGS, REPORTED, optimizer, training step, epoch loop,
-timing) and calls these in this order:
-
-    args = common.parse_args(__doc__, CONFIGS, argv)
-    with common.Run(__file__, args, MEAN, STD, short_run) as run:   # Ctrl-C inside: saved
-        data = run.load_data()
-        for name, config in run.configs(CONFIGS):
-            record = common.Record(run, name, config, reported=REPORTED.get(name))
-            start = record.resume(model, optimizer)                  # what checkpoints hold
-            for epoch in range(start, config["num_epochs"]):
-                meter = record.meter(epoch, steps)                   # seeds the epoch's draws
-                started = common.clock(device); train(...); ended = common.clock(device)
-                model.eval(); accuracies = ...; evaluated = common.clock(device)
-                if not record.add_epoch(meter, started, ended, evaluated, **accuracies):
-                    break                                            # diverged
-            if record.status == "running":
-                record.finish(test_batches)
-        return run.finish()
+timing) and calls these in the order of its main(): parse_args; `with Run(...) as run:` (Ctrl-C
+inside saves what is trained); run.load_data(); per config from run.configs(), a Record, its
+resume(), then per epoch record.meter() (which seeds the epoch's draws), the steps between two
+clock() readings, the evaluations up to a third, record.add_epoch(); record.finish(); run.finish().
 
 A run writes <out-dir>/run_NNN/ when its first epoch is saved: run.json (whose run it is),
 summary.json, comparison plots and per config config_N/ with model.pth (a plain state_dict),
@@ -66,6 +53,7 @@ REPORT_DATA = Path(__file__).resolve().parent / "report"  # the report's publish
 WARMUP_STEPS = 3  # a config's first steps in a process, timed apart from its training time
 BLOWN_UP_LOSS = 100.0  # a mean loss above it: the true class's probability below e**-100
 RESULT_KEYS = {"name", "script", "status", "config", "history", "train_seconds", "environment"}
+STOPPING_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
 Split = namedtuple("Split", "images labels")  # uint8 (N, 3, 32, 32) and int64 (N,)
 Cifar10 = namedtuple("Cifar10", "train test")
 
@@ -89,13 +77,9 @@ class DamagedFile(ExperimentError):
 class Stopped(KeyboardInterrupt):
     """SIGTERM (kill, a job scheduler) or SIGHUP (a closed terminal), handled like Ctrl-C."""
 
-    def __init__(self, signal_number):
+    def __init__(self, signal_number, frame=None):
         super().__init__()
         self.status = 128 + signal_number  # the exit status
-
-
-def _raise_stopped(signal_number, frame):
-    raise Stopped(signal_number)
 
 
 def _stopping_errors():
@@ -106,7 +90,8 @@ def _stopping_errors():
     return ExperimentError, KeyboardInterrupt, OSError, TorchDynamoException
 
 
-STOPPING_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+def _raise_stopped(signal_number, frame):
+    raise Stopped(signal_number)
 
 
 @contextlib.contextmanager
@@ -177,16 +162,12 @@ def duration(seconds):
 def code_version(script):
     """{"commit": the git commit of the script's checkout, "changed": whether its tracked files
     differ from it}: a result names the code that made it. None values outside git."""
-    def git(*command):
-        folder = Path(script).resolve().parent
-        return subprocess.run(["git", *command], cwd=folder, capture_output=True, text=True,
-                              timeout=10)
-
+    git = ["git", "-C", str(Path(script).resolve().parent)]
     with contextlib.suppress(OSError, subprocess.SubprocessError):  # no git on this machine
-        commit = git("rev-parse", "HEAD")
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
+        changed = subprocess.run([*git, "diff", "--quiet", "HEAD", "--"], capture_output=True)
         if commit.returncode == 0:
-            changed = git("diff", "--quiet", "HEAD", "--").returncode != 0
-            return {"commit": commit.stdout.strip(), "changed": changed}
+            return {"commit": commit.stdout.strip(), "changed": changed.returncode != 0}
     return {"commit": None, "changed": None}
 
 
@@ -225,9 +206,8 @@ def parse_args(description, configs, argv=None, device="auto", log_interval=0, t
     """The command line every script shares; `configs` gives the valid --configs numbers. `threads`:
     the script's default number of CPU threads (None: one per core); OMP_NUM_THREADS, when set,
     takes its place, and --threads over both."""
-    parser = OneLineErrorParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = OneLineErrorParser(description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     threads = None if os.environ.get("OMP_NUM_THREADS") else threads
     numbers = range(1, len(configs) + 1)
@@ -315,15 +295,14 @@ def load_cifar10(data_dir):
             raise ExperimentError(
                 f"could not download CIFAR-10 into {data_dir} ({first_line(error)}); put {ARCHIVE}"
                 f" (https://www.cs.toronto.edu/~kriz/cifar.html) or {FOLDER} there, or pass "
-                f"--data-dir"
-            ) from None
+                f"--data-dir") from None
     *train, test = [_read_batch(folder / name) for name in FILES]
     return Cifar10(Split(*(torch.cat(tensors) for tensors in zip(*train))), test)
 
 
 def _read_batch(path):
-    """One batch file as a Split; a file that is missing, damaged or not in CIFAR-10's layout is
-    one line saying what it holds."""
+    """One batch file as a Split; one line, saying what it holds, for a file that is missing,
+    damaged or not in CIFAR-10's layout."""
     fix = f"replace {path.parent} with a fresh copy of {FOLDER}, or pass --data-dir"
     try:
         with open(path, "rb") as file:
@@ -477,9 +456,9 @@ class Run:
     it as `with Run(...) as run:`, so that Ctrl-C saves what is trained (__exit__)."""
 
     def __init__(self, script, args, mean, std, short_run="", data_parallel=False):
-        """mean, std: every batch's normalization; short_run: options suggested when a CPU run would
-        take long; data_parallel: the script wraps its model in nn.DataParallel when gpu_count > 1
-        (it then counts every visible GPU; else it is 1)."""
+        """mean, std: every batch's normalization; short_run: options suggested when a CPU run
+        would take long; data_parallel: the script wraps its model in nn.DataParallel when
+        gpu_count > 1 (it then counts every visible GPU; else it is 1)."""
         self.script = Path(script).name
         self.args = args
         self.mean = mean
@@ -497,11 +476,14 @@ class Run:
         if args.compile and self.gpu_count > 1:
             raise ExperimentError("--compile cannot reach nn.DataParallel's replicas (each runs "
                                   "in its own thread): drop it, or set CUDA_VISIBLE_DEVICES=0")
-        if args.compile:
-            _check_compiler(self.device)
-        _check_plotting()
+        _check_tools(self.device, args.compile)
         self.out_dir = Path(args.out_dir or Path("modelset") / Path(script).stem)
-        _check_writable(self.out_dir)
+        existing = self.out_dir  # must be a folder this can write in: nothing is made yet
+        while not os.path.lexists(existing) and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise ExperimentError(f"--out-dir {self.out_dir}: {existing} is not a folder this can "
+                                  f"write in")
         options = ("epochs", "lr", "momentum", "batch_size", "val_fraction", "subset", "dry_run")
         self.changed = [option for option in options if getattr(args, option)]  # not the report's
         self.code = code_version(script)
@@ -556,10 +538,12 @@ class Run:
         configs' results.json in the run folder list."""
         left = 0
         for name, config in self.chosen:
-            record = self.records.get(name)
-            history = record.result["history"] if record else _saved_history(self.run_dir, name)
-            finished = (record.result if record else {}).get("status") in ("completed", "diverged")
-            left += 0 if finished or history is None else config["num_epochs"] - len(history)
+            result = self.records[name].result if name in self.records else {"history": []}
+            if name not in self.records and self.run_dir:
+                with contextlib.suppress(ExperimentError):
+                    result = load_saved(self.run_dir / name / "results.json")
+            finished = result.get("status") in ("completed", "diverged")
+            left += 0 if finished else config["num_epochs"] - len(result["history"])
         return left
 
     def folder(self):
@@ -629,17 +613,8 @@ class Run:
                 current.result["status"] = "running"
                 epochs += " (still marked running)"
             saved.append(f"{current.name} at epoch {epochs}")
-        return (f"saved in {self.run_dir}: {', '.join(saved)}; "
-                f"continue with: {self.resume_command()}")
-
-    def short_command(self):
-        """The script's suggested short run, with the data, output folder, device and seed given."""
-        args = self.args
-        given = [("--data-dir", args.data_dir != "./data", args.data_dir),
-                 ("--out-dir", args.out_dir, args.out_dir), ("--device", args.device != "auto",
-                 args.device), ("--seed", args.seed != 1, args.seed)]
-        kept = [f"{option} {shlex.quote(str(value))}" for option, differ, value in given if differ]
-        return " ".join([f"python {self.script}", self.short_run, *kept]).replace("  ", " ")
+        return (f"saved in {self.run_dir}: {', '.join(saved)}; continue with: "
+                f"{self.resume_command()}")
 
     def resume_command(self):
         """The user's command with --resume naming this run folder (by name where the command's
@@ -694,15 +669,6 @@ def _run_script(folder):
     return ""
 
 
-def _saved_history(run_dir, name):
-    """The history config `name`'s results.json lists in the run folder (None once it finished);
-    [] without one."""
-    with contextlib.suppress(ExperimentError, TypeError):
-        saved = load_saved(run_dir / name / "results.json")
-        return None if saved["status"] in ("completed", "diverged") else saved["history"]
-    return []
-
-
 def _lock(run_dir):
     """The run folder's lock file, locked until it is closed or the process ends; another process
     is refused with one line naming the first."""
@@ -724,32 +690,20 @@ def _lock(run_dir):
     return file
 
 
-def _check_writable(folder):
-    """--out-dir's nearest existing folder must be writable: said before the data is loaded, with
-    nothing made yet."""
-    existing = folder
-    while not os.path.lexists(existing) and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise ExperimentError(f"--out-dir {folder}: {existing} is not a folder this can write in")
-
-
-def _check_plotting():
-    """matplotlib must start before hours of training depend on it (a bad MPLBACKEND stops it)."""
+def _check_tools(device, compile):
+    """What hours of training will need, checked first: matplotlib (a bad MPLBACKEND stops it),
+    and for --compile the C++ compiler of inductor's CPU kernels, or the C compiler of its Triton
+    launcher on a GPU."""
     try:
         import matplotlib.figure  # noqa: F401
     except Exception as error:
         backend = os.environ.get("MPLBACKEND")
         hint = f"; unset MPLBACKEND (it is {backend!r}) or set it to agg" if backend else ""
         raise ExperimentError(f"matplotlib cannot draw ({first_line(error)}){hint}") from None
-
-
-def _check_compiler(device):
-    """--compile's inductor builds C++ kernels on a CPU and a C launcher for Triton on a GPU."""
     variable, language = ("CXX", "C++") if device.type == "cpu" else ("CC", "C")
     names = ["g++", "c++", "clang++"] if device.type == "cpu" else ["cc", "gcc", "clang"]
     names = os.environ.get(variable, "").split()[:1] + names
-    if not any(shutil.which(name) for name in names):
+    if compile and not any(shutil.which(name) for name in names):
         raise ExperimentError(f"--compile on {device.type} needs a {language} compiler "
                               f"({', '.join(names)}), and none was found; run without --compile")
 
@@ -771,13 +725,14 @@ def _write_summary(run, results, wall_seconds, compare_key):
     if len(trained) > 1:
         curves = [(r["name"], curve(r, evaluated[r["name"]])) for r in trained]
         _plot(run.run_dir / "test_accuracy.png", [("every config", "accuracy (%)", curves)])
-    if compare_key and trained and all("train_eval_accuracy" in r["history"][-1] for r in trained):
-        panels = []
-        for r in trained:
+    panels = []
+    for r in trained:
+        if compare_key and "train_eval_accuracy" in r["history"][-1]:
             lines = [("train (eval mode)", curve(r, "train_eval_accuracy")),
                      (METRICS[evaluated[r["name"]]], curve(r, evaluated[r["name"]]))]
-            title = f"{r['name']}: {compare_key}={r['config'][compare_key]}"
-            panels.append((title, "accuracy (%)", lines))
+            panels.append((f"{r['name']}: {compare_key}={r['config'][compare_key]}",
+                           "accuracy (%)", lines))
+    if panels:
         _plot(run.run_dir / "train_vs_test.png", panels, same_scale=True)
     panels = []
     for r in trained:  # the report's test accuracy after every epoch beside ours
@@ -847,14 +802,14 @@ class EpochMeter:
     calls add() after every step. In a process's first epoch of a config, `warmup_end` is the
     clock() once its first WARMUP_STEPS steps (compilation, cuDNN's autotuning) are done."""
 
-    def __init__(self, record, epoch, steps, warmup_steps):
-        self.record = record
+    def __init__(self, run, epoch, steps, warmup_steps):
+        self.run = run
         self.epoch = epoch
         self.steps = steps
         self.warmup_steps = warmup_steps
         self.warmup_end = None
-        self.loss_sum = torch.zeros((), device=record.run.device, dtype=torch.float64)
-        self.correct = torch.zeros((), device=record.run.device, dtype=torch.long)
+        self.loss_sum = torch.zeros((), device=run.device, dtype=torch.float64)
+        self.correct = torch.zeros((), device=run.device, dtype=torch.long)
         self.done = 0  # steps
         self.images = 0
         self.logged_loss = 0.0  # loss_sum at the last --log-interval line
@@ -862,7 +817,7 @@ class EpochMeter:
     def add(self, loss, outputs, labels):
         """After a training step: sums its loss and correct predictions; prints the running loss
         every --log-interval steps and, seconds into a long CPU run, how long it will take."""
-        run = self.record.run
+        run = self.run
         self.loss_sum += loss.detach()
         self.correct += (outputs.argmax(1) == labels).sum()
         self.done += 1
@@ -881,14 +836,8 @@ class EpochMeter:
             pace = (time.perf_counter() - self.warmup_end) / (self.done - self.warmup_steps)
             left = pace * self.steps * run.epochs_left()
             if left > 600:
-                print(f"at this pace its training alone takes {duration(left)}; a short run: "
-                      f"{run.short_command()}")
-
-    def loss(self):
-        return self.loss_sum.item() / max(1, self.done)
-
-    def accuracy(self):
-        return 100.0 * self.correct.item() / max(1, self.images)
+                print(f"at this pace its training alone takes {duration(left)}; for a short run, "
+                      f"add {run.short_run}")
 
 
 class Record:
@@ -948,7 +897,14 @@ class Record:
         saved state into them. Returns the 0-based epoch to train from (num_epochs when done)."""
         self.state = {"model": unwrap(model), "optimizer": optimizer, **more}
         if self.run.run_dir is not None:
-            self.start_epoch = self._restore()
+            folder = self.run.run_dir / self.name
+            try:
+                self.start_epoch = self._restore(folder)
+            except DamagedFile as error:  # one line; nothing in the run folder changed
+                raise ExperimentError(
+                    f"cannot resume {self.run.run_dir}: {error.path.relative_to(self.run.run_dir)}"
+                    f": {error.reason}; start a new run (without --resume), or delete {folder} to "
+                    f"train it again") from None
         return self.start_epoch
 
     def meter(self, epoch, steps):
@@ -958,7 +914,7 @@ class Record:
             raise RuntimeError("call record.resume(model, optimizer) before training")
         torch.manual_seed(epoch_seed(self.run.args.seed, epoch, "draws"))
         warmup_steps = min(WARMUP_STEPS, steps) if epoch == self.start_epoch else 0
-        return EpochMeter(self, epoch, steps, warmup_steps)
+        return EpochMeter(self.run, epoch, steps, warmup_steps)
 
     def add_epoch(self, meter, started, ended, evaluated, **accuracies):
         """Records epoch meter.epoch, timed by clock(): its steps from `started` to `ended` (the
@@ -968,35 +924,33 @@ class Record:
         if set(accuracies) - set(METRICS):
             raise ValueError(f"add_epoch: {sorted(set(accuracies) - set(METRICS))} not in METRICS")
         history = self.result["history"]
-        loss = meter.loss()
+        loss = meter.loss_sum.item() / max(1, meter.done)
         steps_from = meter.warmup_end or started
         entry = {"epoch": len(history) + 1, "train_loss": loss if math.isfinite(loss) else None,
-                 "train_accuracy": meter.accuracy(), **accuracies, "seconds": ended - steps_from,
-                 "eval_seconds": evaluated - ended}
+                 "train_accuracy": 100.0 * meter.correct.item() / max(1, meter.images),
+                 **accuracies, "seconds": ended - steps_from, "eval_seconds": evaluated - ended}
         if meter.warmup_steps:
             entry["warmup_seconds"] = steps_from - started
         history.append(entry)
         self.changed = True
-        if not math.isfinite(loss) or loss > BLOWN_UP_LOSS:
-            entry["save_seconds"] = 0.0  # no checkpoint of a diverged epoch
-            entry["wall_seconds"] = time.perf_counter() - self.last_epoch_end
-            self.result["status"] = "diverged"
-            self.write_results()
-            print(f"{self.name} diverged: the training loss is {loss:.4g} in epoch {len(history)}; "
-                  f"try a lower learning rate than {self.config['lr']} (--lr)", file=sys.stderr)
-            return False
+        diverged = not math.isfinite(loss) or loss > BLOWN_UP_LOSS
         saving = time.perf_counter()
-        checkpoint = {"config": self.config, "epoch": entry["epoch"], "history": history}
-        checkpoint |= {key: value.state_dict() for key, value in self.state.items()}
-        try:
-            save_torch(self.folder / "checkpoint.pt", checkpoint)  # first: results never list more
-        except BaseException:
-            history.pop()  # the files hold the epoch before
-            raise
+        if not diverged:
+            checkpoint = {"config": self.config, "epoch": entry["epoch"], "history": history}
+            checkpoint |= {key: value.state_dict() for key, value in self.state.items()}
+            try:
+                save_torch(self.folder / "checkpoint.pt", checkpoint)  # before results.json
+            except BaseException:
+                history.pop()  # the files hold the epoch before
+                raise
         now = time.perf_counter()
         entry["save_seconds"] = now - saving
         entry["wall_seconds"] = now - self.last_epoch_end  # since the epoch before, all of it
         self.last_epoch_end = now
+        if diverged:
+            self.result["status"] = "diverged"
+            print(f"{self.name} diverged: the training loss is {loss:.4g} in epoch {len(history)}; "
+                  f"try a lower learning rate than {self.config['lr']} (--lr)", file=sys.stderr)
         self.write_results()
         walls = [e["wall_seconds"] for e in history[self.start_epoch:]]
         left = duration(sum(walls) / len(walls) * self.run.epochs_left())
@@ -1004,7 +958,7 @@ class Record:
         print(f"{self.name} epoch {len(history)}/{self.config['num_epochs']}: loss {loss:.3f}, "
               f"train {entry['train_accuracy']:.2f}%, {shown} {entry[shown + '_accuracy']:.2f}%, "
               f"{entry['seconds']:.1f} s; {left} left in the run")
-        return True
+        return not diverged
 
     def finish(self, test_batches, **extra):
         """Once every epoch is trained: the final figures (`extra`: the script's own), model.pth,
@@ -1046,7 +1000,7 @@ class Record:
         result["train_seconds"] = sum(entry["seconds"] for entry in history)
         result["warmup_seconds"] = sum(entry.get("warmup_seconds", 0.0) for entry in history)
         walls = [entry.get("wall_seconds") for entry in history]
-        result["wall_seconds"] = None if None in walls else sum(walls)  # None: older code's epochs
+        result["wall_seconds"] = None if None in walls else sum(walls)  # None: an epoch not timed
         # the time the report's loop counted: the steps and what else it `timed` (history keys)
         timed = reported.get("timed")
         result["report_loop_seconds"] = None
@@ -1059,11 +1013,10 @@ class Record:
         if comparable and "final_test_accuracy" in result:
             # no more decimals than the report wrote: 59.25% against its "60%" is -1, not -0.75
             points = result["final_test_accuracy"] - reported["test_accuracy"]
-            result["versus_report"] = {"test_accuracy_points": round(points, reported.get(
-                "decimals", 2))}
+            versus = {"test_accuracy_points": round(points, reported.get("decimals", 2))}
             if "train_seconds" in reported and result["report_loop_seconds"]:
-                ratio = result["report_loop_seconds"] / reported["train_seconds"]
-                result["versus_report"]["time_ratio"] = ratio
+                versus["time_ratio"] = result["report_loop_seconds"] / reported["train_seconds"]
+            result["versus_report"] = versus
         if result["status"] != "running" and history:
             losses = [("train", curve(result, "train_loss"))]
             accuracies = [(label, curve(result, key)) for key, label in METRICS.items()]
@@ -1072,20 +1025,9 @@ class Record:
             _plot(self.folder / "curves.png", panels)
         write_json(self.folder / "results.json", result)
 
-    def _restore(self):
-        """With --resume: loads this config's saved state; returns the epoch to go on from. A file
-        that cannot be used, or other settings, end the script with one line; nothing in the run
-        folder changes first."""
-        folder = self.run.run_dir / self.name
-        try:
-            return self._load(folder)
-        except DamagedFile as error:
-            raise ExperimentError(
-                f"cannot resume {self.run.run_dir}: {error.path.relative_to(self.run.run_dir)}: "
-                f"{error.reason}; start a new run (without --resume), or delete {folder} to train "
-                f"it again") from None
-
-    def _load(self, folder):
+    def _restore(self, folder):
+        """The epoch to go on from, once this config's saved state is loaded; DamagedFile for a
+        file that cannot be used, or other settings."""
         results_file = folder / "results.json"
         checkpoint_file = folder / "checkpoint.pt"
         if folder.is_symlink():
@@ -1117,22 +1059,22 @@ class Record:
                 raise DamagedFile(checkpoint_file, f"it is missing, and results.json lists "
                                                    f"{len(saved['history'])} epochs")
             return 0
-        checkpoint = load_saved(checkpoint_file, self._load_checkpoint)
-        epoch = checkpoint["epoch"]
-        # results.json, written after the checkpoint, has each epoch's save and wall seconds too
+        epoch = load_saved(checkpoint_file, self._load_checkpoint)["epoch"]
+        # results.json, written after the checkpoint, has each epoch's save and wall seconds too;
+        # a stop between the two leaves the checkpoint's history, without them for its last epoch
         complete = len(saved["history"]) == epoch
-        self.result["history"] = saved["history"] if complete else checkpoint["history"]
+        self.result["history"] = saved["history"] if complete else self._checkpoint_history
         print(f"{self.name}: resuming after epoch {epoch}")
         return epoch
 
     def _load_checkpoint(self, checkpoint):
         epoch = checkpoint["epoch"]
-        history = checkpoint["history"]
+        self._checkpoint_history = checkpoint["history"]
         if checkpoint["config"] != self.config:
             raise ValueError(f"it is of config {checkpoint['config']}")
         if type(epoch) is not int or not 1 <= epoch <= self.config["num_epochs"]:
             raise ValueError(f"its epoch is {epoch!r}, not one of 1-{self.config['num_epochs']}")
-        if not isinstance(history, list) or len(history) != epoch:
+        if not isinstance(self._checkpoint_history, list) or len(self._checkpoint_history) != epoch:
             raise ValueError(f"its history does not list epochs 1-{epoch}")
         for key, value in self.state.items():
             value.load_state_dict(checkpoint[key])
@@ -1147,32 +1089,25 @@ def curve(result, key):
 # Files: never half written, never through a link, never code
 
 
-def _check_results(state):
-    """Raises ValueError saying why `state` is not a config's results.json, if it is not."""
-    if not isinstance(state, dict) or not RESULT_KEYS <= state.keys():
-        missing = sorted(RESULT_KEYS - state.keys()) if isinstance(state, dict) else "all"
-        raise ValueError(f"not a run's results: keys {missing} missing")
-    history = state["history"]
-    if not isinstance(state["environment"], dict) or not isinstance(state["config"], dict):
-        raise ValueError("its environment or config is not a mapping")
-    if not isinstance(history, list) or not all(isinstance(e, dict) for e in history):
-        raise ValueError("its history is not a list of epochs")
-    if state["status"] not in ("running", "interrupted", "diverged", "completed"):
-        raise ValueError(f"its status is {state['status']!r}")
-    final = state.get("final_test_accuracy")
-    if state["status"] == "completed" and not (history and isinstance(final, (int, float))):
-        raise ValueError("completed without epochs or a final_test_accuracy")
-
-
 def load_saved(path, load=None):
-    """A results.json (checked), or a torch file loaded safely (weights_only: tensors and plain
-    data, never code) onto the CPU and handed to load(state). A failure raises DamagedFile."""
+    """A config's results.json (checked), or a torch file loaded safely (weights_only: tensors and
+    plain data, never code) onto the CPU and handed to load(state). Failures raise DamagedFile."""
     try:
-        if path.suffix == ".json":
-            state = json.loads(path.read_text())
-            _check_results(state)
-        else:
+        if path.suffix != ".json":
             state = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            state = json.loads(path.read_text())
+            if not isinstance(state, dict) or not RESULT_KEYS <= state.keys():
+                missing = sorted(RESULT_KEYS - state.keys()) if isinstance(state, dict) else "all"
+                raise ValueError(f"not a run's results: keys {missing} missing")
+            history = state["history"]
+            if not all(isinstance(state[key], dict) for key in ("environment", "config")):
+                raise ValueError("its environment or config is not a mapping")
+            if not isinstance(history, list) or not all(isinstance(e, dict) for e in history):
+                raise ValueError("its history is not a list of epochs")
+            final = state.get("final_test_accuracy")
+            if state["status"] == "completed" and not (history and isinstance(final, float)):
+                raise ValueError("completed without epochs or a final_test_accuracy")
     except FileNotFoundError:
         raise DamagedFile(path, "it is missing") from None
     except Exception as error:  # cut short, not a torch file, or refused by weights_only
@@ -1241,7 +1176,7 @@ def _plot(path, panels, same_scale=False):
         axis.grid(alpha=0.3)
         if axis.lines:
             axis.legend(fontsize="small")
-    _save_figure(figure, path, dpi=110)
+    _save_figure(figure, path)
 
 
 def plot_confusion(counts, path, title):
@@ -1250,8 +1185,8 @@ def plot_confusion(counts, path, title):
 
     figure = Figure(figsize=(7.2, 6), layout="tight")
     axis = figure.add_subplot()
-    figure.colorbar(axis.imshow(counts.numpy(), cmap="Blues"), ax=axis, shrink=0.8,
-                    label="test images")
+    image = axis.imshow(counts.numpy(), cmap="Blues")
+    figure.colorbar(image, ax=axis, shrink=0.8, label="test images")
     axis.set_xticks(range(10), CLASSES, rotation=45)
     axis.set_yticks(range(10), [f"{k} {v:.0f}%" for k, v in per_class_accuracy(counts).items()])
     for (row, column), count in np.ndenumerate(counts.numpy()):
@@ -1259,31 +1194,37 @@ def plot_confusion(counts, path, title):
         axis.text(column, row, count, ha="center", va="center", fontsize=7, color=colour)
     axis.set(title=f"{title}: {accuracy(counts):.2f}% correct", xlabel="predicted",
              ylabel="true class (its accuracy)")
-    _save_figure(figure, path, dpi=100)
+    _save_figure(figure, path)
 
 
 @torch.no_grad()
 def plot_predictions(model, batches, path, title, count=32):
-    """The first `count` test images with the predicted class and the true one, as the tutorial
-    shows them: green where right, red where wrong. The model in eval mode."""
+    """The first `count` test images in rows of 8, each with the predicted class and the true one
+    below it, as the tutorial shows them: green where right, red where wrong. Eval mode."""
     from matplotlib.figure import Figure
 
     images = batches.images[:count]
     predicted = model(images).argmax(1).tolist()
-    pictures = (images * batches.std + batches.mean).clamp(0, 1).permute(0, 2, 3, 1).float().cpu()
-    figure = Figure(figsize=(10.4, 1.5 * math.ceil(len(images) / 8) + 0.4), layout="tight")
-    figure.suptitle(f"{title}: predicted (true)")
-    truths = batches.labels[:count].tolist()
-    for index, (picture, guess, truth) in enumerate(zip(pictures.numpy(), predicted, truths)):
-        axis = figure.add_subplot(math.ceil(len(images) / 8), 8, index + 1)
-        axis.imshow(picture, interpolation="nearest")
+    pictures = (images * batches.std + batches.mean).clamp(0, 1).float().cpu()
+    rows = math.ceil(len(images) / 8)
+    mosaic = torch.ones(3, rows * 44, 8 * 36)  # each image on a white tile, room for its label
+    for index, picture in enumerate(pictures):
+        top, left = index // 8 * 44 + 2, index % 8 * 36 + 2
+        mosaic[:, top:top + 32, left:left + 32] = picture
+    figure = Figure(figsize=(10.4, 1.5 * rows + 0.4), layout="tight")
+    axis = figure.add_subplot()
+    axis.imshow(mosaic.permute(1, 2, 0).numpy(), interpolation="nearest")
+    for index, (guess, truth) in enumerate(zip(predicted, batches.labels[:count].tolist())):
         colour = "green" if guess == truth else "red"
-        axis.set_title(f"{CLASSES[guess]} ({CLASSES[truth]})", fontsize=7, color=colour)
-        axis.axis("off")
-    _save_figure(figure, path, dpi=100)
+        label = f"{CLASSES[guess]} ({CLASSES[truth]})"
+        axis.text(index % 8 * 36 + 18, index // 8 * 44 + 40, label, ha="center", fontsize=7,
+                  color=colour)
+    axis.set(title=f"{title}: predicted (true)")
+    axis.axis("off")
+    _save_figure(figure, path)
 
 
-def _save_figure(figure, path, dpi):
+def _save_figure(figure, path):
     buffer = io.BytesIO()
-    figure.savefig(buffer, dpi=dpi, format="png")
+    figure.savefig(buffer, dpi=100, format="png")
     write_file(path, buffer.getvalue())

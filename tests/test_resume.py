@@ -3,6 +3,7 @@ nothing then; nothing is written through a link, and no file runs code."""
 
 import json
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -41,6 +42,7 @@ def test_a_resumed_run_ends_as_an_uninterrupted_one(interrupted, data_dir, tmp_p
     assert results(folder)["wall_seconds"] == sum(walls)
 
 
+@pytest.mark.slow
 def test_a_stop_between_the_checkpoint_and_results_json_loses_no_epoch(interrupted, capsys):
     """results.json lags the checkpoint by its last epoch: that epoch's figures come from the
     checkpoint, without its save and wall seconds, so the config's wall time is not recorded."""
@@ -86,6 +88,7 @@ def test_bare_resume_takes_the_newest_unfinished_run_of_its_script(interrupted, 
     assert results(folder)["status"] == "completed" and files_in(tmp_path / "run_002") == before
 
 
+@pytest.mark.slow
 def test_the_time_left_counts_only_the_epochs_still_to_train(data_dir, tmp_path):
     first = on_cpu(data_dir, tmp_path, "--configs", "1", "--epochs", "2")
     assert l2_regularization.main(first) == 0
@@ -185,12 +188,30 @@ def test_damaged_results_from_the_command_line_end_with_one_line(interrupted):
     assert "results.json: it is damaged" in completed.stderr
 
 
+@pytest.mark.slow
 def test_a_completed_config_without_its_weights_is_a_clear_error(data_dir, tmp_path):
     arguments = on_cpu(data_dir, tmp_path, "--epochs", "1")
     assert lenet_cpu.main(arguments) == 0
     (tmp_path / "run_001" / "config_1" / "model.pth").unlink()
     with pytest.raises(common.ExperimentError, match="model.pth: it is missing"):
         lenet_cpu.main([*arguments, "--resume", "run_001"])
+
+
+@pytest.fixture(scope="module")
+def runs_and_others(tmp_path_factory, data_dir):
+    """out/ with a run of lenet_cpu.py, a run of another script, a link to a run and a folder
+    without run.json (older code's); beside it, someone's folder."""
+    root = tmp_path_factory.mktemp("others")
+    out = root / "out"
+    (root / "elsewhere").mkdir()
+    (root / "elsewhere" / "notes.txt").write_text("someone's files")
+    assert lenet_cpu.main(on_cpu(data_dir, out, "--epochs", "1")) == 0
+    argv = on_cpu(data_dir, root / "d", "--dry-run", "--configs", "2")
+    assert dropout_regularization.main(argv) == 0
+    (root / "d" / "run_001").rename(out / "dropout_run")
+    (out / "linked_run").symlink_to(out / "run_001")
+    (out / "older_run").mkdir()
+    return root
 
 
 @pytest.mark.parametrize("target, message", [
@@ -200,17 +221,13 @@ def test_a_completed_config_without_its_weights_is_a_clear_error(data_dir, tmp_p
     ("linked_run", "a link"), ("older_run", "not a run folder of this version"),
 ])
 def test_resume_refuses_what_is_not_a_run_of_its_script_and_writes_nothing(
-        target, message, interrupted_template, data_dir, tmp_path, monkeypatch):
+        target, message, runs_and_others, data_dir, tmp_path, monkeypatch):
     """--resume /tmp once wrote config_1/ and summary.json there; --resume of the out-dir itself
     overwrote it, and a run of another script took a config of this one."""
+    shutil.copytree(runs_and_others, tmp_path, dirs_exist_ok=True, symlinks=True)
     out = tmp_path / "out"
-    (tmp_path / "elsewhere").mkdir()
-    (tmp_path / "elsewhere" / "notes.txt").write_text("someone's files")
-    assert lenet_cpu.main(on_cpu(data_dir, out, "--epochs", "1")) == 0
-    assert dropout_regularization.main(on_cpu(data_dir, tmp_path / "d", "--dry-run")) == 0
-    (tmp_path / "d" / "run_001").rename(out / "dropout_run")
+    (out / "linked_run").unlink()
     (out / "linked_run").symlink_to(out / "run_001")
-    (out / "older_run").mkdir()  # a run folder without run.json: older code's
     before = files_in(tmp_path)
     monkeypatch.chdir(out)
     named = target if target.startswith("..") or "run" in target else str(tmp_path / target)
@@ -246,6 +263,7 @@ def test_a_planted_lock_link_is_refused_and_its_target_untouched(interrupted, tm
     assert victim.read_text() == "precious"
 
 
+@pytest.mark.slow
 def test_a_file_replaced_by_a_link_is_replaced_not_written_through(interrupted, tmp_path):
     arguments, folder = interrupted
     victim = tmp_path / "victim.txt"
@@ -270,6 +288,7 @@ def test_a_run_in_use_is_refused_naming_its_process(data_dir, tmp_path):
         process.communicate(timeout=60)
 
 
+@pytest.mark.slow
 def test_checkpoints_load_onto_the_cpu_whatever_the_training_device(interrupted, monkeypatch):
     """A load that does not ask for the CPU puts every tensor on the meta device, as a GPU
     stand-in; checkpoints hold no random state a resume on fewer GPUs could miss."""

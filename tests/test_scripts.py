@@ -59,6 +59,7 @@ def files_in_folder(folder):
     return {path.name: path.read_bytes() for path in folder.iterdir()}
 
 
+@pytest.mark.slow
 def test_the_report_is_compared_only_for_its_own_config_at_its_precision(data_dir, tmp_path,
                                                                          monkeypatch, capsys):
     """The report wrote "60%": ours is compared in whole points, never with decimals it lacks."""
@@ -70,6 +71,7 @@ def test_the_report_is_compared_only_for_its_own_config_at_its_precision(data_di
     assert f"| report: 60% ({points:+.0f} point" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_tutorials_loss_line_every_2000_batches_and_its_net(data_dir, tmp_path, capsys):
     assert sum(p.numel() for p in lenet_cpu.Net().parameters()) == 62_006
     assert lenet_cpu.main(on_cpu(data_dir, tmp_path, "--epochs", "1", "--log-interval", "10")) == 0
@@ -90,6 +92,7 @@ def test_real_cifar10_two_epochs(real_data_dir, tmp_path):
     assert results(tmp_path / "run_001" / "config_1")["final_test_accuracy"] > 20  # chance: 10%
 
 
+@pytest.mark.slow
 def test_a_dry_run_trains_two_batches_of_one_epoch_and_is_no_result_to_lead_to(data_dir, tmp_path):
     assert lenet_cpu.main(on_cpu(data_dir, tmp_path, "--dry-run")) == 0
     result = results(tmp_path / "run_001" / "config_1")
@@ -97,6 +100,7 @@ def test_a_dry_run_trains_two_batches_of_one_epoch_and_is_no_result_to_lead_to(d
     assert not (tmp_path / "latest").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", LENET_SCRIPTS)
 def test_every_lenet_script_honours_a_validation_split(script, data_dir, tmp_path):
     """--val-fraction was once recorded and ignored by lenet_cpu.py and lenet_multigpu.py."""
@@ -121,6 +125,7 @@ def test_the_grid_trains_the_reports_batch_per_gpu_on_its_four_gpus(data_dir, tm
     assert {"train_eval_accuracy", "test_accuracy", "eval_seconds", "save_seconds"} <= set(entry)
 
 
+@pytest.mark.slow
 def test_the_report_loop_time_is_compared_with_the_reports_seconds(data_dir, tmp_path, monkeypatch,
                                                                    capsys):
     """Like for like: the report's seconds counted its steps, evaluations and checkpoint saves."""
@@ -182,6 +187,7 @@ def test_the_three_scripts_controls_train_alike(data_dir, tmp_path):
     assert histories[0] == histories[1] == histories[2]
 
 
+@pytest.mark.slow
 def test_weight_decay_leaves_smaller_weights(data_dir, tmp_path):
     argv = on_cpu(data_dir, tmp_path, "--configs", "5", "11", "--epochs", "3", "--lr", "0.05")
     assert l2_regularization.main(argv) == 0
