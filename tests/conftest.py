@@ -1,6 +1,7 @@
 """Tiny CIFAR-10 files in the original `cifar-10-batches-py` pickle layout, and ways to run the
 scripts on them."""
 
+import contextlib
 import json
 import os
 import pickle
@@ -68,8 +69,8 @@ def scripts_can_be_stopped():
         signal.signal(number, handler)
 
 
-@pytest.fixture(autouse=True)
-def torch_settings_restored():
+@contextlib.contextmanager
+def torch_settings_kept():
     """lenet_cpu.main sets one thread and turns oneDNN off for its process, as a program may; the
     tests after it get the defaults back (ResNet-18 in bf16 without oneDNN is many times slower)."""
     import torch
@@ -79,6 +80,12 @@ def torch_settings_restored():
     yield
     torch.set_num_threads(threads)
     torch.backends.mkldnn.enabled = mkldnn
+
+
+@pytest.fixture(autouse=True)
+def torch_settings_restored():
+    with torch_settings_kept():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -165,7 +172,7 @@ def interrupt_after_epochs(monkeypatch, epochs):
 @pytest.fixture(scope="session")
 def interrupted_template(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("interrupted")
-    with pytest.MonkeyPatch.context() as monkeypatch:
+    with pytest.MonkeyPatch.context() as monkeypatch, torch_settings_kept():
         interrupt_after_epochs(monkeypatch, 1)
         with pytest.raises(SystemExit):
             common.run_main(lambda: lenet_cpu.main(on_cpu(data_dir, out, "--epochs", "2")))

@@ -9,7 +9,7 @@ import pytest
 
 import error_bars
 import l2_regularization
-from conftest import assert_one_error_line, on_cpu, results, run_script
+from conftest import assert_one_error_line, on_cpu, results, run_script, torch_settings_kept
 
 
 @pytest.fixture(scope="module")
@@ -17,10 +17,11 @@ def seeds(tmp_path_factory, data_dir):
     """l2_regularization.py configs 1 (weight decay 1e-4) and 5 (its control), 3 epochs, a
     validation split, seeds 1, 2 and 3: the folder of the three runs."""
     out = tmp_path_factory.mktemp("seeds")
-    for seed in ("1", "2", "3"):
-        argv = on_cpu(data_dir, out, "--configs", "1", "5", "--epochs", "3", "--batch-size", "16",
-                      "--val-fraction", "0.25", "--seed", seed, "--lr", "0.01")
-        assert l2_regularization.main(argv) == 0
+    with torch_settings_kept():
+        for seed in ("1", "2", "3"):
+            argv = on_cpu(data_dir, out, "--configs", "1", "5", "--epochs", "3", "--batch-size",
+                          "16", "--val-fraction", "0.25", "--seed", seed, "--lr", "0.01")
+            assert l2_regularization.main(argv) == 0
     return out
 
 

@@ -14,7 +14,7 @@ import l2_regularization
 import lenet_cpu
 import lenet_multigpu
 from conftest import (assert_one_error_line, epoch_figures, files_in, on_cpu, results, run_script,
-                      start_script, wait_for_epochs, write_cifar10)
+                      start_script, torch_settings_kept, wait_for_epochs, write_cifar10)
 from test_data import RunsCode
 
 
@@ -205,9 +205,10 @@ def runs_and_others(tmp_path_factory, data_dir):
     out = root / "out"
     (root / "elsewhere").mkdir()
     (root / "elsewhere" / "notes.txt").write_text("someone's files")
-    assert lenet_cpu.main(on_cpu(data_dir, out, "--epochs", "1")) == 0
-    argv = on_cpu(data_dir, root / "d", "--dry-run", "--configs", "2")
-    assert dropout_regularization.main(argv) == 0
+    with torch_settings_kept():
+        assert lenet_cpu.main(on_cpu(data_dir, out, "--epochs", "1")) == 0
+        argv = on_cpu(data_dir, root / "d", "--dry-run", "--configs", "2")
+        assert dropout_regularization.main(argv) == 0
     (root / "d" / "run_001").rename(out / "dropout_run")
     (out / "linked_run").symlink_to(out / "run_001")
     (out / "older_run").mkdir()
