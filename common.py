@@ -1059,23 +1059,26 @@ class Record:
                 raise DamagedFile(checkpoint_file, f"it is missing, and results.json lists "
                                                    f"{len(saved['history'])} epochs")
             return 0
-        epoch = load_saved(checkpoint_file, self._load_checkpoint)["epoch"]
+        checkpoint = load_saved(checkpoint_file, lambda state: self._load(checkpoint_file, state))
+        epoch = checkpoint["epoch"]
         # results.json, written after the checkpoint, has each epoch's save and wall seconds too;
         # a stop between the two leaves the checkpoint's history, without them for its last epoch
         complete = len(saved["history"]) == epoch
-        self.result["history"] = saved["history"] if complete else self._checkpoint_history
+        self.result["history"] = saved["history"] if complete else checkpoint["history"]
         print(f"{self.name}: resuming after epoch {epoch}")
         return epoch
 
-    def _load_checkpoint(self, checkpoint):
-        epoch = checkpoint["epoch"]
-        self._checkpoint_history = checkpoint["history"]
-        if checkpoint["config"] != self.config:
-            raise ValueError(f"it is of config {checkpoint['config']}")
-        if type(epoch) is not int or not 1 <= epoch <= self.config["num_epochs"]:
-            raise ValueError(f"its epoch is {epoch!r}, not one of 1-{self.config['num_epochs']}")
-        if not isinstance(self._checkpoint_history, list) or len(self._checkpoint_history) != epoch:
-            raise ValueError(f"its history does not list epochs 1-{epoch}")
+    def _load(self, path, checkpoint):
+        """Loads `checkpoint` into the state every checkpoint saves, once it is this config's."""
+        epoch = checkpoint.get("epoch")
+        history = checkpoint.get("history")
+        if checkpoint.get("config") != self.config:
+            raise DamagedFile(path, f"it is of config {checkpoint.get('config')}")
+        epochs = self.config["num_epochs"]
+        if type(epoch) is not int or not 1 <= epoch <= epochs:
+            raise DamagedFile(path, f"its epoch is {epoch!r}, not one of 1-{epochs}")
+        if not isinstance(history, list) or len(history) != epoch:
+            raise DamagedFile(path, f"its history does not list epochs 1-{epoch}")
         for key, value in self.state.items():
             value.load_state_dict(checkpoint[key])
 
