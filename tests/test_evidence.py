@@ -60,11 +60,21 @@ COLUMNS = {
     "the report's time": lambda r: f"{r['reported']['train_seconds']:.2f} s" if r["reported"] and
     "train_seconds" in r["reported"] else "none",
     "wall time": lambda r: wall_time(r.get("wall_seconds")),
+    "epochs, lr, momentum, batch per gpu x 4": lambda r: ", ".join(
+        str(r["config"][key]) for key in ("num_epochs", "lr", "momentum", "batch_per_gpu")) + " x 4",
+    "weight decay": lambda r: str(r["config"]["weight_decay"]),
+    "dropout rate": lambda r: str(r["config"]["dropout_rate"]) + (
+        " (after fc1 and fc2)" if r["config"]["dropout_after_fc2"] else ""),
 }
 
 
 def reference(script, name):
-    return results(REFERENCE / script / name)
+    """A config's committed results; one trained under another number has no report figure here
+    (resnet18.py's config 9 was trained as config 4, before the report's recipe took that number)."""
+    result = results(REFERENCE / script / name)
+    if result["name"] != name:
+        result["reported"] = None
+    return result
 
 
 def tables(text):
@@ -201,7 +211,8 @@ def test_the_whole_run_table_is_the_reference_runs():
     for command, _, wall, training_time, test_accuracy, _ in rows:
         argv = command.strip("`").split()[1:]
         folder = REFERENCE / Path(argv[0]).stem
-        summary = json.loads((folder / "summary.json").read_text())
+        summary_file = folder / "summary.json"
+        summary = json.loads(summary_file.read_text()) if summary_file.exists() else None
         configs = sorted(folder.glob("config_*"), key=lambda p: int(p.name[7:]))
         numbers = argv[argv.index("--configs") + 1:] if "--configs" in argv else None
         chosen = [results(p) for p in configs if numbers is None or p.name[7:] in numbers]
@@ -216,36 +227,16 @@ def test_the_whole_run_table_is_the_reference_runs():
         assert wall == wall_time(expected)
 
 
-def test_the_short_run_table_is_the_committed_short_runs():
-    """Each command is the run's own (less its data and output folders), its wall time the run's
-    summary.json, its figures the config's results.json."""
-    rows = evidence_rows(README, "short_runs")
-    assert len(rows) >= 4
-    for command, config, wall, test_accuracy, gap in rows:
-        if command:
-            argv = command.strip("`").split()[1:]
-            folder = REFERENCE / "short_runs" / Path(argv[0]).stem
-            summary = json.loads((folder / "summary.json").read_text())
-            assert wall == common.duration(summary["wall_seconds"]) and not summary["resumed"]
-        result = results(folder / f"config_{config.split()[0]}")
-        recorded = [a for a in result["environment"]["command"][1:]]
-        for option in ("--data-dir", "--out-dir"):
-            if option in recorded:
-                del recorded[recorded.index(option):recorded.index(option) + 2]
-        assert [Path(result["environment"]["command"][0]).name, *recorded] == argv
-        assert result["environment"]["code"]["changed"] is False
-        assert test_accuracy == f"{result['final_test_accuracy']:.2f}%"
-        assert gap == (f"{result['train_test_gap']:.2f} points" if "train_test_gap" in result else "")
-
-
 def test_the_laptop_commands_quote_the_committed_runs():
+    quoted = 0
     for line in README.splitlines():
-        found = re.match(r"python (\S+\.py) (.*?) *# .*: (\d+ min \d\d s|\d+ s)", line)
+        found = re.match(r"python (\S+)\.py --data-dir PATH +# .*: (\d+ min \d\d s|\d+ s), ", line)
         if found:
-            script, options, wall = found.groups()
-            stem = Path(script).stem
-            folder = REFERENCE / stem if options == "--data-dir PATH" else REFERENCE / "short_runs" / stem
-            assert wall == common.duration(json.loads((folder / "summary.json").read_text())["wall_seconds"])
+            script, wall = found.groups()
+            summary = json.loads((REFERENCE / script / "summary.json").read_text())
+            assert wall == common.duration(summary["wall_seconds"]) and not summary["resumed"]
+            quoted += 1
+    assert quoted
 
 
 def test_the_benchmark_tables_are_the_committed_measurements():

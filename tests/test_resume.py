@@ -67,12 +67,17 @@ def test_a_finished_run_resumed_changes_nothing_and_says_so(data_dir, tmp_path, 
 
 
 @pytest.mark.slow
-def test_resume_adds_configs_and_the_summary_lists_every_config(data_dir, tmp_path):
-    arguments = on_cpu(data_dir, tmp_path, "--epochs", "1")
-    assert lenet_multigpu.main([*arguments, "--configs", "7"]) == 0
-    assert lenet_multigpu.main([*arguments, "--configs", "5", "--resume", "run_001"]) == 0
+def test_resume_adds_configs_counting_only_the_epochs_still_to_train(data_dir, tmp_path):
+    assert l2_regularization.main(on_cpu(data_dir, tmp_path, "--configs", "1", "--epochs", "2")) == 0
+    argv = on_cpu(data_dir, tmp_path, "--configs", "2", "1", "--epochs", "2", "--resume", "run_001")
+    run = common.Run("l2_regularization.py", common.parse_args("", l2_regularization.CONFIGS, argv),
+                     (0.5,) * 3, (0.5,) * 3)
+    list(run.configs(l2_regularization.CONFIGS))
+    assert run.epochs_left() == 2  # config 2's; config 1 is completed
+    run.finish()  # its lock let go
+    assert l2_regularization.main(argv) == 0
     summary = json.loads((tmp_path / "run_001" / "summary.json").read_text())
-    assert [entry["name"] for entry in summary["configs"]] == ["config_5", "config_7"]
+    assert [entry["name"] for entry in summary["configs"]] == ["config_1", "config_2"]
     assert summary["resumed"] is True  # its wall time is the resumed process's
 
 
@@ -86,17 +91,6 @@ def test_bare_resume_takes_the_newest_unfinished_run_of_its_script(interrupted, 
     assert lenet_cpu.main(arguments) == 0
     assert f"resuming {tmp_path / 'run_001'}: the newest unfinished run" in capsys.readouterr().out
     assert results(folder)["status"] == "completed" and files_in(tmp_path / "run_002") == before
-
-
-@pytest.mark.slow
-def test_the_time_left_counts_only_the_epochs_still_to_train(data_dir, tmp_path):
-    first = on_cpu(data_dir, tmp_path, "--configs", "1", "--epochs", "2")
-    assert l2_regularization.main(first) == 0
-    argv = on_cpu(data_dir, tmp_path, "--configs", "2", "1", "--epochs", "2", "--resume", "run_001")
-    args = common.parse_args("", l2_regularization.CONFIGS, argv)
-    run = common.Run("l2_regularization.py", args, (0.5,) * 3, (0.5,) * 3)
-    list(run.configs(l2_regularization.CONFIGS))
-    assert run.epochs_left() == 2  # config 2's; config 1 is completed
 
 
 @pytest.mark.parametrize("change, setting", [
