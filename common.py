@@ -1166,11 +1166,15 @@ def save_torch(path, data):
 
 
 def _plot(path, panels, same_scale=False):
-    """A row of panels, each (title, y label, [(label, [(epoch, value), ...]), ...])."""
+    """Panels in rows of at most 4, each (title, y label, [(label, [(epoch, value), ...]), ...])."""
     from matplotlib.figure import Figure  # no pyplot: no display, and a faster import
 
-    figure = Figure(figsize=(5.5 * len(panels), 4), layout="tight")
-    axes = figure.subplots(1, len(panels), sharey=same_scale, squeeze=False)[0]
+    columns = min(4, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    figure = Figure(figsize=(5.5 * columns, 4 * rows), layout="tight")
+    axes = figure.subplots(rows, columns, sharey=same_scale, squeeze=False).flat
+    for axis in axes[len(panels):]:
+        axis.set_visible(False)
     for axis, (title, ylabel, lines) in zip(axes, panels):
         for label, points in lines:
             if points:  # a config that diverged in its first epoch has no curve
