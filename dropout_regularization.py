@@ -41,16 +41,11 @@ CONFIGS = [
 ]
 # The report's test accuracy, its eval-mode train accuracy (on its rank 0's quarter) and its test
 # accuracy after every epoch (report/dropout_regularization_training_results.json)
+CURVES = "dropout_regularization_training_results.json"
 REPORTED = {
-    f"config_{number}": dict(
-        test_accuracy=accuracy,
-        train_eval_accuracy=train_accuracy,
-        timed=TIMED,
-        test_accuracy_per_epoch=common.report_curve(
-            "dropout_regularization_training_results.json", f"config_{number}"
-        ),
-    )
-    for number, accuracy, train_accuracy in [(1, 63.51, 69.688), (2, 63.67, 67.736)]
+    f"config_{n}": dict(test_accuracy=accuracy, train_eval_accuracy=train_accuracy, timed=TIMED,
+                        test_accuracy_per_epoch=common.report_curve(CURVES, f"config_{n}"))
+    for n, accuracy, train_accuracy in [(1, 63.51, 69.688), (2, 63.67, 67.736)]
 }
 
 
@@ -111,10 +106,8 @@ def main(argv=None):
             if args.compile:
                 model = torch.compile(model, mode=compile_mode(run.device))
             criterion = nn.CrossEntropyLoss()
-            # fused: the same update rule, in one kernel
-            optimizer = optim.SGD(
-                model.parameters(), lr=config["lr"], momentum=config["momentum"], fused=True
-            )
+            optimizer = optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
+                                  fused=True)  # fused: the same update rule, in one kernel
             record = common.Record(run, name, config, reported=REPORTED.get(name))
             # what every checkpoint saves; with --resume, loaded from the last one
             start = record.resume(model, optimizer)

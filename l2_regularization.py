@@ -57,16 +57,11 @@ CONFIGS = [
 ]
 # The report's test accuracy, its eval-mode train accuracy (on its rank 0's quarter) and its test
 # accuracy after every epoch (report/l2_regularization_training_results.json)
+CURVES = "l2_regularization_training_results.json"
 REPORTED = {
-    f"config_{number}": dict(
-        test_accuracy=accuracy,
-        train_eval_accuracy=train_accuracy,
-        timed=TIMED,
-        test_accuracy_per_epoch=common.report_curve(
-            "l2_regularization_training_results.json", f"config_{number}"
-        ),
-    )
-    for number, accuracy, train_accuracy in [
+    f"config_{n}": dict(test_accuracy=accuracy, train_eval_accuracy=train_accuracy, timed=TIMED,
+                        test_accuracy_per_epoch=common.report_curve(CURVES, f"config_{n}"))
+    for n, accuracy, train_accuracy in [
         (1, 61.43, 73.464), (2, 59.93, 78.672), (3, 62.99, 72.312), (4, 63.08, 72.216)
     ]
 }
@@ -116,14 +111,9 @@ def main(argv=None):
             if args.compile:
                 model = torch.compile(model, mode=compile_mode(run.device))
             criterion = nn.CrossEntropyLoss()
-            # fused: the same update rule, in one kernel
-            optimizer = optim.SGD(
-                model.parameters(),
-                lr=config["lr"],
-                momentum=config["momentum"],
-                weight_decay=config["weight_decay"],  # the L2 penalty
-                fused=True,
-            )
+            # weight_decay: the L2 penalty, wd * w added to every gradient; fused: one kernel
+            optimizer = optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
+                                  weight_decay=config["weight_decay"], fused=True)
             record = common.Record(run, name, config, reported=REPORTED.get(name))
             # what every checkpoint saves; with --resume, loaded from the last one
             start = record.resume(model, optimizer)

@@ -111,10 +111,8 @@ def main(argv=None):
             if args.compile:
                 model = torch.compile(model, mode=compile_mode(run.device))
             criterion = nn.CrossEntropyLoss()
-            # fused: the same update rule, in one kernel
-            optimizer = optim.SGD(
-                model.parameters(), lr=config["lr"], momentum=config["momentum"], fused=True
-            )
+            optimizer = optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
+                                  fused=True)  # fused: the same update rule, in one kernel
             record = common.Record(run, name, config, reported=REPORTED.get(name))
             # what every checkpoint saves; with --resume, loaded from the last one
             start = record.resume(model, optimizer)
@@ -134,10 +132,8 @@ def main(argv=None):
                 record.finish(test_batches)  # final figures, confusion matrix, model.pth
                 result = record.result
                 print("Finished Training")
-                print(
-                    f"Accuracy of the network on the {len(data.test.labels)} test images: "
-                    f"{result['final_test_accuracy']:.2f} %"
-                )
+                print(f"Accuracy of the network on the {len(data.test.labels)} test images: "
+                      f"{result['final_test_accuracy']:.2f} %")
                 for label, class_accuracy in result["per_class_test_accuracy"].items():
                     print(f"Accuracy for class: {label:5s} is {class_accuracy:.1f} %")
             print(f"{name}: Training time: {record.result['train_seconds']:.2f} seconds")

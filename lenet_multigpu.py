@@ -121,10 +121,8 @@ def main(argv=None):
             if args.compile:
                 model = torch.compile(model, mode=compile_mode(run.device))
             criterion = nn.CrossEntropyLoss()
-            # fused: the same update rule, in one kernel
-            optimizer = optim.SGD(
-                model.parameters(), lr=config["lr"], momentum=config["momentum"], fused=True
-            )
+            optimizer = optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
+                                  fused=True)  # fused: the same update rule, in one kernel
             record = common.Record(run, name, config, reported=REPORTED.get(name))
             # what every checkpoint saves; with --resume, loaded from the last one
             start = record.resume(model, optimizer)

@@ -164,7 +164,8 @@ def test_evaluation_batches_keep_order_and_every_image():
 
 
 def test_normalization_is_the_tutorials():
-    split = common.Split(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), torch.arange(64))
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    split = common.Split(images, torch.arange(64))
     ((images, labels),) = list(common.Batches(split, 64, "cpu", (0.5,) * 3, (0.5,) * 3))
     assert torch.allclose(images, (split.images.float() / 255 - 0.5) / 0.5, atol=1e-6)
 

@@ -42,8 +42,9 @@ def test_error_bars_are_mean_and_sample_sd_and_paired_intervals(seeds, tmp_path,
         found = [results(run / name) for run in runs]
         assert group["seeds"] == [1, 2, 3] and found[0]["validation"]
         finals[name] = [result["final_test_accuracy"] for result in found]
-        assert group["last_epoch_test_accuracy"]["mean"] == pytest.approx(statistics.mean(finals[name]))
-        assert group["last_epoch_test_accuracy"]["sd"] == pytest.approx(statistics.stdev(finals[name]))
+        last_epoch = group["last_epoch_test_accuracy"]
+        assert last_epoch["mean"] == pytest.approx(statistics.mean(finals[name]))
+        assert last_epoch["sd"] == pytest.approx(statistics.stdev(finals[name]))
         # the epoch is the validation's best; the figure is the test accuracy at that epoch
         picked = group["val_picked_test_accuracy"]
         for result, epoch, figure in zip(found, picked["epochs"], picked["values"]):
@@ -57,7 +58,8 @@ def test_error_bars_are_mean_and_sample_sd_and_paired_intervals(seeds, tmp_path,
     assert versus["last_epoch_test_accuracy"]["mean"] == pytest.approx(statistics.mean(differences))
     assert versus["last_epoch_test_accuracy"]["ci95"] == pytest.approx(
         [statistics.mean(differences) - half, statistics.mean(differences) + half], abs=1e-3)
-    assert "minus config_5, last epoch test accuracy, paired over seeds [1, 2, 3]" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "minus config_5, last epoch test accuracy, paired over seeds [1, 2, 3]" in printed
 
 
 @pytest.mark.slow
@@ -65,7 +67,8 @@ def test_runs_that_are_no_samples_are_refused_in_one_line(seeds, data_dir, tmp_p
     """A --dry-run was once averaged with real runs ("seeds 1, 2: 11.00 +- 2.83%")."""
     shutil.copytree(seeds / "run_001", tmp_path / "twice" / "run_001")
     shutil.copytree(seeds / "run_001", tmp_path / "twice" / "run_002")
-    assert l2_regularization.main(on_cpu(data_dir, tmp_path / "dry", "--configs", "1", "--dry-run")) == 0
+    dry_run = on_cpu(data_dir, tmp_path / "dry", "--configs", "1", "--dry-run")
+    assert l2_regularization.main(dry_run) == 0
     (tmp_path / "empty").mkdir()
     shutil.copytree(seeds / "run_002", tmp_path / "damaged" / "run_001")
     damaged = tmp_path / "damaged" / "run_001" / "config_1" / "results.json"

@@ -39,9 +39,15 @@ def report_model_here(result):
     return f"{rows[0]['this_copy_test_accuracy']:.2f}%" if rows else "none"
 
 
-def reported(result, key="test_accuracy", decimals=2):
-    figure = (result["reported"] or {}).get(key)
-    return "none" if figure is None else f"{figure:.{result['reported'].get('decimals', decimals)}f}"
+def reported(result, key="test_accuracy"):
+    theirs = result["reported"] or {}
+    return "none" if key not in theirs else f"{theirs[key]:.{theirs.get('decimals', 2)}f}"
+
+
+def reported_gap(reported):
+    if not reported.get("train_eval_accuracy"):
+        return "none"
+    return f"{reported['train_eval_accuracy'] - reported['test_accuracy']:.2f} points"
 
 
 # what a column of a published table shows, as the table writes it
@@ -52,8 +58,7 @@ COLUMNS = {
     "train accuracy (eval mode)": lambda r: f"{r['final_train_eval_accuracy']:.2f}%",
     "train accuracy (last epoch)": lambda r: f"{r['final_train_accuracy']:.2f}%",
     "train-test gap": lambda r: f"{r['train_test_gap']:.2f} points",
-    "report's gap": lambda r: ("none" if not (r["reported"] or {}).get("train_eval_accuracy") else
-                               f"{r['reported']['train_eval_accuracy'] - r['reported']['test_accuracy']:.2f} points"),
+    "report's gap": lambda r: reported_gap(r["reported"] or {}),
     "weight norm": lambda r: f"{r['extra']['weight_norm']:.2f}",
     "training time": lambda r: f"{r['train_seconds']:.0f} s",
     "as its loop timed": lambda r: f"{r['report_loop_seconds']:.0f} s",
@@ -61,7 +66,7 @@ COLUMNS = {
     "train_seconds" in r["reported"] else "none",
     "wall time": lambda r: wall_time(r.get("wall_seconds")),
     "epochs, lr, momentum, batch per gpu x 4": lambda r: ", ".join(
-        str(r["config"][key]) for key in ("num_epochs", "lr", "momentum", "batch_per_gpu")) + " x 4",
+        str(r["config"][k]) for k in ("num_epochs", "lr", "momentum", "batch_per_gpu")) + " x 4",
     "weight decay": lambda r: str(r["config"]["weight_decay"]),
     "dropout rate": lambda r: str(r["config"]["dropout_rate"]) + (
         " (after fc1 and fc2)" if r["config"]["dropout_after_fc2"] else ""),
@@ -70,7 +75,7 @@ COLUMNS = {
 
 def reference(script, name):
     """A config's committed results; one trained under another number has no report figure here
-    (resnet18.py's config 9 was trained as config 4, before the report's recipe took that number)."""
+    (resnet18.py's config 9 was trained as config 4, before the report's recipe took its number)."""
     result = results(REFERENCE / script / name)
     if result["name"] != name:
         result["reported"] = None
@@ -189,7 +194,8 @@ def test_the_error_bars_and_paired_differences_are_error_bars_py_over_the_seed_r
         assert seeds == ", ".join(map(str, summary["seeds"])) and len(summary["seeds"]) >= 3
         assert last_epoch == error_bars.shown(summary["last_epoch_test_accuracy"], "%")
         epochs = ", ".join(map(str, summary["val_picked_test_accuracy"]["epochs"]))
-        assert picked == f"{error_bars.shown(summary['val_picked_test_accuracy'], '%')} (epochs {epochs})"
+        shown = error_bars.shown(summary["val_picked_test_accuracy"], "%")
+        assert picked == f"{shown} (epochs {epochs})"
         assert gap == error_bars.shown(summary["train_test_gap"], " points")
     rows = evidence_rows(README, "paired")
     assert len(rows) == len([s for s in found.values() if "versus_control" in s]) >= 3
@@ -260,13 +266,15 @@ def test_the_benchmark_tables_are_the_committed_measurements():
 
 
 @pytest.mark.slow
-def test_committed_weights_fit_their_script_and_evaluate_reproduces_their_figure(data_dir, tmp_path):
+def test_committed_weights_fit_their_script_and_evaluate_reproduces_their_figure(data_dir,
+                                                                                 tmp_path):
     for path in REFERENCE.rglob("model.pth"):
         lenet_cpu.Net().load_state_dict(torch.load(path, weights_only=True))
     assert lenet_cpu.main(on_cpu(data_dir, tmp_path, "--epochs", "1")) == 0
     folder = tmp_path / "run_001" / "config_1"
     recorded = results(folder)["final_test_accuracy"]
-    completed = run_script("lenet_cpu.py", "--evaluate", folder / "model.pth", "--data-dir", data_dir)
+    completed = run_script("lenet_cpu.py", "--evaluate", folder / "model.pth",
+                           "--data-dir", data_dir)
     assert completed.returncode == 0, completed.stderr
     lines = completed.stdout.splitlines()
     assert f"test accuracy {recorded:.2f}% on 100 images" in lines[0] and len(lines) == 12

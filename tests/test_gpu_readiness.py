@@ -92,7 +92,8 @@ def test_lenet_scripts_train_in_fp32_with_sgds_fused_kernel_and_compile_for_cuda
     monkeypatch.setattr(torch.optim, "SGD", SGD)
     monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or model)
     for number, (script, config) in enumerate(LENET_SCRIPTS):
-        argv = on_cpu(data_dir, tmp_path / str(number), "--configs", config, "--dry-run", "--compile")
+        argv = on_cpu(data_dir, tmp_path / str(number), "--configs", config, "--dry-run",
+                      "--compile")
         assert script.main(argv) == 0
     assert entered == [] and fused == [True] * 4 and modes == ["default"] * 4
     assert lenet_cpu.compile_mode(torch.device("cuda")) == "reduce-overhead"
@@ -125,7 +126,8 @@ def test_evaluate_gives_the_recorded_figure_in_the_training_precision(script, ar
     assert script.main(["--evaluate", str(model_path), *common_argv, *subset]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert f"test accuracy {recorded:.2f}%" in lines[0] and len(lines) == 12
-    assert lines[-1].startswith(f"recorded in {model_path.parent / 'results.json'}: {recorded:.2f}%")
+    recorded_in = model_path.parent / "results.json"
+    assert lines[-1].startswith(f"recorded in {recorded_in}: {recorded:.2f}%")
 
 
 @pytest.mark.slow
@@ -133,7 +135,8 @@ def test_evaluate_takes_weights_saved_from_a_data_parallel_model(data_dir, tmp_p
     """The report's own weights were saved from DistributedDataParallel: keys start "module."."""
     torch.save(nn.DataParallel(lenet_cpu.Net()).state_dict(), tmp_path / "ddp.pth")
     torch.save(resnet18.ResNet18().state_dict(), tmp_path / "resnet.pth")
-    assert lenet_cpu.main(["--evaluate", str(tmp_path / "ddp.pth"), "--data-dir", str(data_dir)]) == 0
+    argv = ["--evaluate", str(tmp_path / "ddp.pth"), "--data-dir", str(data_dir)]
+    assert lenet_cpu.main(argv) == 0
     assert "test accuracy" in capsys.readouterr().out
     with pytest.raises(common.ExperimentError, match="resnet.pth: it does not fit this model"):
         lenet_cpu.main(["--evaluate", str(tmp_path / "resnet.pth"), "--data-dir", str(data_dir)])
@@ -162,7 +165,8 @@ def convolution_dtypes_in(main, argv):
 @cuda
 @pytest.mark.parametrize("script, argv", [
     (lenet_cpu, []), (lenet_multigpu, ["--configs", "4"]), (l2_regularization, ["--configs", "2"]),
-    (dropout_regularization, ["--configs", "2"]), (resnet18, ["--configs", "5", "--batch-size", "32"]),
+    (dropout_regularization, ["--configs", "2"]),
+    (resnet18, ["--configs", "5", "--batch-size", "32"]),
 ])
 def test_every_script_dry_runs_on_cuda_in_its_precision(script, argv, data_dir, tmp_path):
     argv = [*argv, "--dry-run", "--device", "cuda", "--data-dir", str(data_dir), "--out-dir",

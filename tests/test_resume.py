@@ -68,7 +68,8 @@ def test_a_finished_run_resumed_changes_nothing_and_says_so(data_dir, tmp_path, 
 
 @pytest.mark.slow
 def test_resume_adds_configs_counting_only_the_epochs_still_to_train(data_dir, tmp_path):
-    assert l2_regularization.main(on_cpu(data_dir, tmp_path, "--configs", "1", "--epochs", "2")) == 0
+    first = on_cpu(data_dir, tmp_path, "--configs", "1", "--epochs", "2")
+    assert l2_regularization.main(first) == 0
     argv = on_cpu(data_dir, tmp_path, "--configs", "2", "1", "--epochs", "2", "--resume", "run_001")
     run = common.Run("l2_regularization.py", common.parse_args("", l2_regularization.CONFIGS, argv),
                      (0.5,) * 3, (0.5,) * 3)

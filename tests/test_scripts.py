@@ -137,12 +137,14 @@ def test_the_report_loop_time_is_compared_with_the_reports_seconds(data_dir, tmp
     loop = sum(entry[k] for k in ("seconds", "warmup_seconds", "eval_seconds", "save_seconds"))
     assert result["report_loop_seconds"] == pytest.approx(loop)
     assert result["versus_report"]["time_ratio"] == pytest.approx(loop / 263.94)
-    assert "s as its loop timed: steps and evaluations and checkpoint saves" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "s as its loop timed: steps and evaluations and checkpoint saves" in printed
     assert (tmp_path / "run_001" / "versus_report.png").exists()
 
 
 def test_the_reports_figures_in_the_scripts_are_its_published_results():
-    published = json.loads((common.REPORT_DATA / "lenet_multigpu_training_results.json").read_text())
+    published_file = common.REPORT_DATA / "lenet_multigpu_training_results.json"
+    published = json.loads(published_file.read_text())
     for number in range(4, 11):
         theirs = published[f"config_{number - 3}"]
         ours = lenet_multigpu.REPORTED[f"config_{number}"]
@@ -179,7 +181,8 @@ def test_the_three_scripts_controls_train_alike(data_dir, tmp_path):
     """Dropout at rate 0 and weight decay 0 train exactly as the grid's config 6: one run serves."""
     arguments = ["--epochs", "2"]
     assert lenet_multigpu.main(on_cpu(data_dir, tmp_path / "a", "--configs", "6", *arguments)) == 0
-    assert l2_regularization.main(on_cpu(data_dir, tmp_path / "b", "--configs", "5", *arguments)) == 0
+    argv = on_cpu(data_dir, tmp_path / "b", "--configs", "5", *arguments)
+    assert l2_regularization.main(argv) == 0
     assert dropout_regularization.main(on_cpu(data_dir, tmp_path / "c", "--configs", "4",
                                               *arguments)) == 0
     histories = [epoch_figures(results(tmp_path / run / "run_001" / name)["history"])
@@ -256,7 +259,8 @@ def test_the_reports_schedule_is_cosine_annealing_stepped_once_an_epoch():
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=200)
     for epoch in range(25):
         for step in (epoch * 391, epoch * 391 + 390):
-            assert resnet18.get_lr(step, config, 391) == pytest.approx(optimizer.param_groups[0]["lr"])
+            lr = optimizer.param_groups[0]["lr"]
+            assert resnet18.get_lr(step, config, 391) == pytest.approx(lr)
         optimizer.step()
         scheduler.step()
     assert config["weight_decay"] == 5e-4 and config["batch_size"] == 128

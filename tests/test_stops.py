@@ -169,8 +169,8 @@ def test_a_path_the_system_refuses_is_one_line_naming_it(out_dir, fact, data_dir
 
 @pytest.mark.slow
 def test_an_ascii_terminal_and_a_non_ascii_out_dir(data_dir, tmp_path):
-    completed = run_script("lenet_cpu.py", *on_cpu(data_dir, tmp_path / "résultats", "--epochs", "1"),
-                           env={"PYTHONIOENCODING": "ascii"})
+    argv = on_cpu(data_dir, tmp_path / "résultats", "--epochs", "1")
+    completed = run_script("lenet_cpu.py", *argv, env={"PYTHONIOENCODING": "ascii"})
     assert completed.returncode == 0 and "Traceback" not in completed.stderr, completed.stderr
     assert (tmp_path / "résultats" / "run_001" / "summary.json").exists()
 
