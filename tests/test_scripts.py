@@ -115,8 +115,8 @@ def test_the_grid_trains_the_reports_batch_per_gpu_on_its_four_gpus(data_dir, tm
     """The report's DistributedDataParallel "batch 32" took steps of 4 x 32 images."""
     config = lenet_multigpu.CONFIGS[3]
     assert (config["batch_per_gpu"], config["report_gpus"], config["batch_size"]) == (32, 4, 128)
-    assert [c["batch_size"] for c in lenet_multigpu.CONFIGS[3:]] == [128, 256, 128, 256, 128, 256,
-                                                                    2048]
+    assert [c["batch_size"] for c in lenet_multigpu.CONFIGS[3:10]] == [128, 256, 128, 256, 128, 256,
+                                                                      2048]
     assert lenet_multigpu.main(on_cpu(data_dir, tmp_path, "--configs", "4", "--epochs", "1")) == 0
     output = capsys.readouterr().out
     # 200 training images: one batch of 128 and a short one of 72, as the report's last batch
@@ -140,6 +140,27 @@ def test_the_report_loop_time_is_compared_with_the_reports_seconds(data_dir, tmp
     printed = capsys.readouterr().out
     assert "s as its loop timed: steps and evaluations and checkpoint saves" in printed
     assert (tmp_path / "run_001" / "versus_report.png").exists()
+
+
+def test_config_11_trains_config_8_on_the_same_batches_every_epoch(data_dir, tmp_path,
+                                                                   monkeypatch):
+    """The report's DistributedSampler, never given set_epoch, drew one order for every epoch."""
+    orders = []
+    train = lenet_multigpu.train
+
+    def recording_train(model, batches, *rest):
+        batches = list(batches)
+        orders.append(torch.cat([labels for _, labels in batches]))
+        train(model, batches, *rest)
+
+    monkeypatch.setattr(lenet_multigpu, "train", recording_train)
+    argv = on_cpu(data_dir, tmp_path, "--configs", "8", "11", "--epochs", "2")
+    assert lenet_multigpu.main(argv) == 0
+    config_8_first, config_8_second, config_11_first, config_11_second = orders
+    assert torch.equal(config_8_first, config_11_first)
+    assert torch.equal(config_11_first, config_11_second)
+    assert not torch.equal(config_8_first, config_8_second)
+    assert lenet_multigpu.CONFIGS[10] == lenet_multigpu.CONFIGS[7] | {"same_order_every_epoch": True}
 
 
 def test_the_reports_figures_in_the_scripts_are_its_published_results():
