@@ -28,6 +28,11 @@ def wall_time(seconds):
     return "not recorded" if seconds is None else common.duration(seconds)
 
 
+def seconds(value):
+    """A time in whole seconds; an epoch's save cut short by a kill left one unrecorded."""
+    return "not recorded" if value is None else f"{value:.0f} s"
+
+
 def report_model_here(result):
     """The test accuracy of the report's own weights for this config on our data copy."""
     script, number = result["script"][:-3], int(result["name"][7:])
@@ -61,7 +66,7 @@ COLUMNS = {
     "report's gap": lambda r: reported_gap(r["reported"] or {}),
     "weight norm": lambda r: f"{r['extra']['weight_norm']:.2f}",
     "training time": lambda r: f"{r['train_seconds']:.0f} s",
-    "as its loop timed": lambda r: f"{r['report_loop_seconds']:.0f} s",
+    "as its loop timed": lambda r: seconds(r["report_loop_seconds"]) if r["reported"] else "none",
     "the report's time": lambda r: f"{r['reported']['train_seconds']:.2f} s" if r["reported"] and
     "train_seconds" in r["reported"] else "none",
     "wall time": lambda r: wall_time(r.get("wall_seconds")),
