@@ -1,4 +1,4 @@
-"""Error bars: each config's figures over seeds, and each regularized config against its control.
+"""Error bars: each config's figures over seeds, and each config against its control.
 
 One seed's figure moves by a point or more with the seed alone (README.md, "Results"), so a
 difference between two configs means something only beside its spread. Train the configs once per
@@ -15,8 +15,8 @@ no sample at all). For each group, as mean +- sample standard deviation (n - 1):
   - with a validation split (--val-fraction): the test accuracy at the epoch of the best validation
     accuracy (an epoch picked without looking at the test set), and those epochs;
   - the train-test gap at the last epoch (eval-mode train minus test accuracy), where recorded.
-Then each config against its control (the same config with its regularizer at 0: weight decay,
-dropout rate), seed by seed over the seeds both ran: the mean of the paired differences with its
+Then each config against its control (the same config with its treatment off or absent: weight
+decay, dropout rate, the report's fixed batch order), seed by seed over the seeds both ran: the mean of the paired differences with its
 95% confidence interval from the t-distribution. With 3 seeds, "higher for every seed" has a
 chance of 1 in 8 without any effect; the interval is the evidence. --json PATH writes it all.
 """
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import common
 
-REGULARIZERS = ("weight_decay", "dropout_rate")  # a control has them at 0
+TREATMENTS = ("weight_decay", "dropout_rate", "same_order_every_epoch")  # a control has them off
 FIGURES = {  # what is compared, and its unit
     "last_epoch_test_accuracy": "%",
     "val_picked_test_accuracy": "%",
@@ -167,13 +167,13 @@ def summarize(group):
 
 def control_of(summary, found):
     """The summary among `found` of the same script and data whose config is this one's with its
-    regularizer at 0; None when there is none (or this is a control)."""
-    for key in REGULARIZERS:
+    treatment at 0 or absent; None when there is none (or this is a control)."""
+    for key in TREATMENTS:
         if summary["config"].get(key):
-            control = summary["config"] | {key: 0.0}
+            without = {k: v for k, v in summary["config"].items() if k != key}
             for other in found:
                 same = (other["script"], other["data"]) == (summary["script"], summary["data"])
-                if same and other["config"] == control:
+                if same and other["config"] in (without, without | {key: 0.0}):
                     return other
     return None
 

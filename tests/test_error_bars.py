@@ -9,6 +9,7 @@ import pytest
 
 import error_bars
 import l2_regularization
+import lenet_multigpu
 from conftest import assert_one_error_line, on_cpu, results, run_script, torch_settings_kept
 
 
@@ -87,3 +88,11 @@ def test_a_folder_named_like_a_config_is_not_one(seeds, tmp_path):
     shutil.copytree(tmp_path / "run_001" / "config_1", tmp_path / "run_001" / "configX")
     assert [group["names"] for group in error_bars.summaries([tmp_path])] == [["config_1"],
                                                                               ["config_5"]]
+
+
+def test_the_reports_batch_order_is_paired_with_the_reshuffled_config():
+    """The grid's config 11 is config 8 on the same batches every epoch: config 8 is its control."""
+    found = [{"script": "lenet_multigpu.py", "data": {}, "config": lenet_multigpu.CONFIGS[number]}
+             for number in (7, 10, 3)]
+    assert error_bars.control_of(found[1], found) is found[0]
+    assert error_bars.control_of(found[0], found) is None
