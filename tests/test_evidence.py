@@ -157,12 +157,16 @@ def test_the_sample_summary_line_is_a_committed_run():
     assert common.summary_line(reference("lenet_multigpu", "config_6")) in README
 
 
-def test_the_three_scripts_controls_trained_alike():
-    """The grid's config 6, L2's config 5 and Dropout's config 4 are one setting: one run serves."""
-    runs = [reference("lenet_multigpu", "config_6"), reference("l2_regularization", "config_5"),
-            reference("dropout_regularization", "config_4")]
-    assert epoch_figures(runs[0]["history"]) == epoch_figures(runs[1]["history"])
-    assert epoch_figures(runs[1]["history"]) == epoch_figures(runs[2]["history"])
+@pytest.mark.parametrize("same", [
+    [("lenet_multigpu", "config_6"), ("l2_regularization", "config_5"),
+     ("dropout_regularization", "config_4")],
+    [("lenet_multigpu", "config_5"), ("dropout_regularization", "config_3")],
+])
+def test_the_scripts_controls_trained_alike(same):
+    """The grid's config 6, L2's config 5 and Dropout's config 4 are one setting, the grid's 5 and
+    Dropout's 3 another: each trained in its own process, to the same figures."""
+    histories = [epoch_figures(reference(script, name)["history"]) for script, name in same]
+    assert all(history == histories[0] for history in histories)
 
 
 def test_the_report_weights_table_is_score_weights_committed_output():
@@ -284,3 +288,24 @@ def test_committed_weights_fit_their_script_and_evaluate_reproduces_their_figure
     lines = completed.stdout.splitlines()
     assert f"test accuracy {recorded:.2f}% on 100 images" in lines[0] and len(lines) == 12
     assert lines[-1] == f"recorded in {folder / 'results.json'}: {recorded:.2f}% on 100 test images"
+
+
+def test_the_batch_order_table_is_error_bars_py_over_the_grid_seed_runs():
+    """Config 11 (the report's fixed batch order) against config 8, seed by seed; seed 1's runs are
+    the reference runs, copied beside the others."""
+    found = error_bars.summaries([REFERENCE / "seeds" / "lenet_multigpu"])
+    reshuffled, fixed = [s["per_seed"]["last_epoch_test_accuracy"] for s in found]
+    versus = found[1]["versus_control"]["last_epoch_test_accuracy"]
+    rows = evidence_rows(README, "batch_order")
+    assert [row[0] for row in rows[:-1]] == [str(seed) for seed in versus["seeds"]]
+    assert versus["seeds"] == [1, 2, 3]
+    for seed, config_8, config_11, difference in rows[:-1]:
+        ours = [reshuffled[int(seed)], fixed[int(seed)]]
+        assert [config_8, config_11] == [f"{value:.2f}%" for value in ours]
+        assert difference == f"{ours[1] - ours[0]:+.2f} points"
+    spreads = [error_bars.shown(summary["last_epoch_test_accuracy"], "%") for summary in found]
+    assert rows[-1][1:] == [*spreads, error_bars.shown_difference(versus, " points")]
+    for name in ("config_8", "config_11"):
+        copied = REFERENCE / "seeds" / "lenet_multigpu" / "run_001" / name / "results.json"
+        original = REFERENCE / "lenet_multigpu" / name / "results.json"
+        assert copied.read_bytes() == original.read_bytes()
