@@ -22,10 +22,12 @@ The report (4x A100): configs 1-3 reached 47.63 / 60.25 / 65.75%; configs 4-10 r
 62.50, 64.99, 63.11, 56.45, 59.44, 58.02% in 263.94, 181.47, 259.07, 180.19, 260.93, 181.00,
 163.23 s (REPORTED below; the summary prints ours beside them). Ours, on the full CIFAR-10 (a
 JPEG copy on which the report's own models score 0.16-1.41 points lower, README.md), one 2-core
-CPU shared with other runs (modelset/reference/lenet_multigpu/; configs 2 and 3 not yet trained):
+CPU shared with other runs (modelset/reference/lenet_multigpu/; config 3's time includes a pause):
 
     config | report | ours   | as its loop timed | training time
     1      | 47.63% | 46.94% | 832 s             | 681 s
+    2      | 60.25% | 59.29% | not recorded      | 1390 s
+    3      | 65.75% | 63.25% | 6129 s            | 5456 s
     4      | 62.00% | 62.44% | 963 s             | 791 s
     5      | 62.50% | 63.23% | 1029 s            | 841 s
     6      | 64.99% | 64.39% | 1124 s            | 931 s
