@@ -160,7 +160,8 @@ def test_config_11_trains_config_8_on_the_same_batches_every_epoch(data_dir, tmp
     assert torch.equal(config_8_first, config_11_first)
     assert torch.equal(config_11_first, config_11_second)
     assert not torch.equal(config_8_first, config_8_second)
-    assert lenet_multigpu.CONFIGS[10] == lenet_multigpu.CONFIGS[7] | {"same_order_every_epoch": True}
+    fixed_order = {"same_order_every_epoch": True}
+    assert lenet_multigpu.CONFIGS[10] == lenet_multigpu.CONFIGS[7] | fixed_order
 
 
 def test_the_reports_figures_in_the_scripts_are_its_published_results():
