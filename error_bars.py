@@ -17,8 +17,9 @@ no sample at all). For each group, as mean +- sample standard deviation (n - 1):
   - the train-test gap at the last epoch (eval-mode train minus test accuracy), where recorded.
 Then each config against its control (the same config with its treatment off or absent: weight
 decay, dropout rate, the report's fixed batch order), seed by seed over the seeds both ran: the
-mean of the paired differences with its 95% confidence interval from the t-distribution. With 3 seeds, "higher for every seed" has a
-chance of 1 in 8 without any effect; the interval is the evidence. --json PATH writes it all.
+mean of the paired differences with its 95% confidence interval from the t-distribution. With 3
+seeds, "higher for every seed" has a chance of 1 in 8 without any effect; the interval is the
+evidence. --json PATH writes it all.
 """
 
 import argparse
