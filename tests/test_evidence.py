@@ -44,9 +44,12 @@ def report_model_here(result):
     return f"{rows[0]['this_copy_test_accuracy']:.2f}%" if rows else "none"
 
 
-def reported(result, key="test_accuracy"):
+def reported(result):
+    """The report's test accuracy, with as many decimals as the report wrote."""
     theirs = result["reported"] or {}
-    return "none" if key not in theirs else f"{theirs[key]:.{theirs.get('decimals', 2)}f}"
+    if "test_accuracy" not in theirs:
+        return "none"
+    return f"{theirs['test_accuracy']:.{theirs.get('decimals', 2)}f}%"
 
 
 def reported_gap(reported):
@@ -57,7 +60,7 @@ def reported_gap(reported):
 
 # what a column of a published table shows, as the table writes it
 COLUMNS = {
-    "report": lambda r: reported(r) + ("%" if r["reported"] else ""),
+    "report": reported,
     "ours": lambda r: f"{r['final_test_accuracy']:.2f}%",
     "the report's model here": report_model_here,
     "train accuracy (eval mode)": lambda r: f"{r['final_train_eval_accuracy']:.2f}%",
