@@ -1,17 +1,13 @@
 """Helpers every CIFAR-10 script here needs alike: data, evaluation, the run folder, files, plots.
 
 A script holds its experiment (model, CONFIGS, REPORTED, optimizer, training step, epoch loop,
-timing) and calls these in the order of its main(): parse_args; `with Run(...) as run:` (Ctrl-C
-inside saves what is trained); run.load_data(); per config from run.configs(), a Record, its
-resume(), then per epoch record.meter() (which seeds the epoch's draws), the steps between two
-clock() readings, the evaluations up to a third, record.add_epoch(); record.finish(); run.finish().
+timing) and calls, in its main(): parse_args; `with Run(...) as run:` (Ctrl-C inside saves what is
+trained); run.load_data(); per config from run.configs(), a Record, its resume(), then per epoch
+record.meter() (which seeds the epoch's draws), the steps between two clock() readings, the
+evaluations up to a third, record.add_epoch(); record.finish(); run.finish().
 
-A run writes <out-dir>/run_NNN/ when its first epoch is saved: run.json (whose run it is),
-summary.json, comparison plots and per config config_N/ with model.pth (a plain state_dict),
-checkpoint.pt (for --resume), results.json (README.md explains every key) and pictures.
-
-Sections: errors and exit; command line; data; evaluation and timing; the run; the record of a
-config; files; plots.
+A run writes <out-dir>/run_NNN/ at its first saved epoch: run.json, summary.json, plots and per
+config config_N/ with model.pth, checkpoint.pt (--resume), results.json (README.md) and pictures.
 """
 
 import argparse
@@ -83,8 +79,7 @@ class Stopped(KeyboardInterrupt):
 
 
 def _stopping_errors():
-    """What ends a script with one line: Ctrl-C and the signals, an error the user can fix, one the
-    system reports (a full disk, a refused folder), and torch.compile's own."""
+    """What ends a script with one line (a full disk, a refused folder, torch.compile's failure)."""
     from torch._dynamo.exc import TorchDynamoException
 
     return ExperimentError, KeyboardInterrupt, OSError, TorchDynamoException
@@ -451,14 +446,13 @@ def report_curve(file_name, key):
 
 
 class Run:
-    """One run of a script: its device, the chosen configs, and its run folder <out-dir>/run_NNN/
-    (made when its first epoch is saved, or the one --resume continues; locked while in use). Use
-    it as `with Run(...) as run:`, so that Ctrl-C saves what is trained (__exit__)."""
+    """One run of a script: its device, the chosen configs and its run folder <out-dir>/run_NNN/
+    (made at its first saved epoch, or the one --resume continues; locked while in use). In
+    `with Run(...) as run:`, Ctrl-C saves what is trained. mean, std: the batches' normalization;
+    short_run: options suggested when a CPU run would take long; data_parallel: the script wraps
+    its model in nn.DataParallel when gpu_count > 1 (every visible GPU; else 1)."""
 
     def __init__(self, script, args, mean, std, short_run="", data_parallel=False):
-        """mean, std: every batch's normalization; short_run: options suggested when a CPU run
-        would take long; data_parallel: the script wraps its model in nn.DataParallel when
-        gpu_count > 1 (it then counts every visible GPU; else it is 1)."""
         self.script = Path(script).name
         self.args = args
         self.mean = mean
@@ -493,8 +487,8 @@ class Run:
         self.estimating = self.device.type == "cpu"  # a GPU step is not waited for
         self.run_dir = self._resumed_run_dir() if args.resume is not None else None
         self._lock = _lock(self.run_dir) if self.run_dir else None
-        self.gpus = [torch.cuda.get_device_name(i) for i in range(self.gpu_count)
-                     if self.device.type == "cuda"]
+        cuda = self.device.type == "cuda"
+        self.gpus = [torch.cuda.get_device_name(i) for i in range(self.gpu_count) if cuda]
         cpu = f"cpu ({platform.machine()}, threads: {torch.get_num_threads()})"
         self.describe = ", ".join(self.gpus) or cpu
         print(f"training on {self.describe}")
@@ -512,8 +506,8 @@ class Run:
             "labels_crc32": zlib.crc32(labels.numpy().tobytes()),
             "images_crc32": zlib.crc32(data.test.images.numpy().tobytes(), images_crc32),
         }
-        print(f"CIFAR-10: {len(data.train.labels)} training and {len(data.test.labels)} test "
-              f"images")
+        print(f"CIFAR-10: {self.data['train_images']} training and {self.data['test_images']} "
+              f"test images")
         return data
 
     def configs(self, configs):
@@ -849,8 +843,6 @@ class Record:
         """reported: the report's test_accuracy (and the `decimals` it wrote), train_seconds with
         its device and what else it `timed` (TIMED), test_accuracy_per_epoch; precision: how the
         model computes, recorded and checked on resume."""
-        if not run.data:
-            raise RuntimeError("call run.load_data() before Record(): --resume checks the data")
         self.run = run
         self.name = name
         self.config = config
@@ -910,8 +902,6 @@ class Record:
     def meter(self, epoch, steps):
         """Seeds torch's generator for epoch `epoch` (0-based) and returns its EpochMeter, for the
         script's train() to add every step to. A process's first epoch times its warm-up apart."""
-        if self.state is None:
-            raise RuntimeError("call record.resume(model, optimizer) before training")
         torch.manual_seed(epoch_seed(self.run.args.seed, epoch, "draws"))
         warmup_steps = min(WARMUP_STEPS, steps) if epoch == self.start_epoch else 0
         return EpochMeter(self.run, epoch, steps, warmup_steps)
@@ -921,8 +911,6 @@ class Record:
         warm-up apart), its evaluations up to `evaluated`, `accuracies` (METRICS' keys), its save
         and wall time; saves the checkpoint, then results.json. Returns False when the loss is NaN,
         infinite or blown up: the config is then "diverged"."""
-        if set(accuracies) - set(METRICS):
-            raise ValueError(f"add_epoch: {sorted(set(accuracies) - set(METRICS))} not in METRICS")
         history = self.result["history"]
         loss = meter.loss_sum.item() / max(1, meter.done)
         steps_from = meter.warmup_end or started
@@ -964,9 +952,6 @@ class Record:
         """Once every epoch is trained: the final figures (`extra`: the script's own), model.pth,
         the pictures and results.json with status "completed"."""
         result = self.result
-        if self.status != "running" or len(result["history"]) != self.config["num_epochs"]:
-            raise RuntimeError(f"finish() after the last epoch of a running config, not "
-                               f"{self.status} at epoch {len(result['history'])}")
         model = self.state["model"].eval()
         counts = confusion_matrix(model, test_batches)
         last = result["history"][-1]

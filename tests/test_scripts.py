@@ -257,11 +257,19 @@ def test_resnet_weights_load_into_torchvision_with_the_same_outputs(stem, tmp_pa
     assert sum(p.numel() for p in resnet18.ResNet18().parameters()) == 11_173_962
 
 
-def test_resnet_crops_and_flips_differ_per_image_and_stay_inside_the_padding():
+@pytest.mark.parametrize("crop_padding", ["zeros", "reflect"])
+def test_resnet_crops_and_flips_differ_per_image_and_stay_inside_the_padding(crop_padding):
+    """The report's RandomCrop(32, padding=4) pads with black pixels, normalized like the rest."""
     torch.manual_seed(0)
     image = torch.randn(1, 3, 32, 32)
-    padded = nn.functional.pad(image, (4, 4, 4, 4), mode="reflect")[0]
-    crops = resnet18.augment(image.expand(64, 3, 32, 32))
+    if crop_padding == "reflect":
+        padded = nn.functional.pad(image, (4, 4, 4, 4), mode="reflect")[0]
+    else:
+        black = common.Batches(common.Split(torch.zeros(1, 3, 1, 1, dtype=torch.uint8),
+                                            torch.zeros(1)), 1, "cpu", resnet18.MEAN, resnet18.STD)
+        padded = black.images[0].expand(3, 40, 40).clone()
+        padded[:, 4:-4, 4:-4] = image[0]
+    crops = resnet18.augment(image.expand(64, 3, 32, 32), crop_padding)
     found = set()
     for crop in crops:
         for flipped in (False, True):
@@ -272,6 +280,7 @@ def test_resnet_crops_and_flips_differ_per_image_and_stay_inside_the_padding():
                         found.add((top, left, flipped))
     assert crops.shape == (64, 3, 32, 32) and len(found) > 30
     assert {flipped for _, _, flipped in found} == {False, True}
+    assert {top for top, _, _ in found} >= {0, 8}  # the padding is in some crops
 
 
 def test_the_reports_schedule_is_cosine_annealing_stepped_once_an_epoch():
@@ -286,7 +295,7 @@ def test_the_reports_schedule_is_cosine_annealing_stepped_once_an_epoch():
         optimizer.step()
         scheduler.step()
     assert config["weight_decay"] == 5e-4 and config["batch_size"] == 128
-    assert resnet18.STD == (0.2023, 0.1994, 0.2010)
+    assert config["crop_padding"] == "zeros" and resnet18.STD == (0.2023, 0.1994, 0.2010)
 
 
 @pytest.mark.parametrize("number", [5, 6, 7])
