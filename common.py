@@ -73,7 +73,7 @@ class DamagedFile(ExperimentError):
 class Stopped(KeyboardInterrupt):
     """SIGTERM (kill, a job scheduler) or SIGHUP (a closed terminal), handled like Ctrl-C."""
 
-    def __init__(self, signal_number, frame=None):
+    def __init__(self, signal_number):
         super().__init__()
         self.status = 128 + signal_number  # the exit status
 
@@ -568,13 +568,8 @@ class Run:
         failed = [r["name"] for r in results if r["status"] != "completed"]
         if failed:
             print(f"not completed: {', '.join(failed)}", file=sys.stderr)
-        elif results and self.run_dir and not self.args.dry_run:
-            latest = self.out_dir / "latest"  # names the newest complete run
-            with contextlib.suppress(OSError, ValueError):
-                if int(latest.read_text().strip()[4:]) > int(self.run_dir.name[4:]):
-                    latest = None
-            if latest:
-                write_file(latest, (self.run_dir.name + "\n").encode())
+        elif results and self.run_dir and not self.args.dry_run:  # latest: the last run completed
+            write_file(self.out_dir / "latest", (self.run_dir.name + "\n").encode())
         if self._lock:  # the run has ended: its folder is free again
             self._lock.close()
         return 1 if failed else 0
@@ -1131,13 +1126,9 @@ def write_file(path, data):
         raise ExperimentError(f"cannot write {path} ({reason})") from None
 
 
-def json_text(data):
-    """Strict JSON (no NaN or Infinity, which other readers refuse), indented."""
-    return json.dumps(data, indent=2, allow_nan=False) + "\n"
-
-
 def write_json(path, data):
-    write_file(path, json_text(data).encode())
+    """Strict JSON (no NaN or Infinity, which other readers refuse), indented."""
+    write_file(path, (json.dumps(data, indent=2, allow_nan=False) + "\n").encode())
 
 
 def save_torch(path, data):
