@@ -60,8 +60,9 @@ def test_resnet_in_fp16_trains_with_a_grad_scaler_and_resumes_its_state(data_dir
                                                                          monkeypatch, capsys):
     """The fp16 path of a GPU without native bf16, run on the CPU (which computes fp16 too)."""
     monkeypatch.setattr(resnet18, "compute_dtype", lambda device: torch.float16)
-    arguments = on_cpu(data_dir, tmp_path, "--configs", "5", "--subset", "32", "--batch-size",
-                       "16", "--epochs", "2")
+    # one step an epoch, the fewest that test the scaler and the resume: fp16 is slow on a CPU
+    arguments = on_cpu(data_dir, tmp_path, "--configs", "5", "--subset", "8", "--batch-size", "8",
+                       "--epochs", "2")
     interrupt_after_epochs(monkeypatch, 1)
     stopped(lambda: resnet18.main(arguments), capsys)
     monkeypatch.undo()

@@ -257,18 +257,22 @@ def test_resnet_weights_load_into_torchvision_with_the_same_outputs(stem, tmp_pa
     assert sum(p.numel() for p in resnet18.ResNet18().parameters()) == 11_173_962
 
 
+def normalized(pixels):
+    """uint8 pictures (N, 3, H, W) as resnet18.py normalizes them."""
+    split = common.Split(pixels, torch.zeros(len(pixels)))
+    return common.Batches(split, 1, "cpu", resnet18.MEAN, resnet18.STD).images
+
+
 @pytest.mark.parametrize("crop_padding", ["zeros", "reflect"])
 def test_resnet_crops_and_flips_differ_per_image_and_stay_inside_the_padding(crop_padding):
-    """The report's RandomCrop(32, padding=4) pads with black pixels, normalized like the rest."""
+    """"zeros" crops from the picture torchvision's RandomCrop(32, padding=4) pads, the report's."""
     torch.manual_seed(0)
-    image = torch.randn(1, 3, 32, 32)
+    pixels = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    image = normalized(pixels)
     if crop_padding == "reflect":
         padded = nn.functional.pad(image, (4, 4, 4, 4), mode="reflect")[0]
     else:
-        black = common.Batches(common.Split(torch.zeros(1, 3, 1, 1, dtype=torch.uint8),
-                                            torch.zeros(1)), 1, "cpu", resnet18.MEAN, resnet18.STD)
-        padded = black.images[0].expand(3, 40, 40).clone()
-        padded[:, 4:-4, 4:-4] = image[0]
+        padded = normalized(torchvision.transforms.functional.pad(pixels, 4))[0]
     crops = resnet18.augment(image.expand(64, 3, 32, 32), crop_padding)
     found = set()
     for crop in crops:
