@@ -1000,6 +1000,8 @@ class Record:
         if result["status"] != "running" and history:
             losses = [("train", curve(result, "train_loss"))]
             accuracies = [(label, curve(result, key)) for key, label in METRICS.items()]
+            theirs = reported.get("test_accuracy_per_epoch")  # the report's curve beside ours
+            accuracies += [("test, the report", list(enumerate(theirs, 1)))] if theirs else []
             panels = [(f"{self.name}: training loss", "loss", losses),
                       (f"{self.name}: accuracy", "accuracy (%)", accuracies)]
             _plot(self.folder / "curves.png", panels)
