@@ -28,6 +28,7 @@ computes bf16 natively, fp16 with a GradScaler on older GPUs, fp32 on other CPUs
 nn.DataParallel.
 """
 
+import functools
 import math
 import pickle
 
@@ -147,6 +148,13 @@ def get_lr(step, config, steps_per_epoch):
     raise ValueError(f"unknown schedule {config['schedule']!r}")
 
 
+@functools.cache
+def black_pixel(device, dtype):
+    """A black pixel as normalized, (0 - mean) / std, made once per device: a copy from the host
+    to a GPU waits for the GPU's queued work."""
+    return (-torch.tensor(MEAN) / torch.tensor(STD)).to(device, dtype).view(1, 3, 1, 1)
+
+
 def augment(images, crop_padding):
     """A random crop of every image padded by 4 pixels and a horizontal flip of half of them, drawn
     per image on the device (Record.meter seeds the generator every epoch). crop_padding "zeros":
@@ -156,9 +164,8 @@ def augment(images, crop_padding):
     device = images.device
     if crop_padding == "reflect":
         padded = F.pad(images, (4, 4, 4, 4), mode="reflect")
-    else:  # black, normalized as every pixel is: (0 - mean) / std
-        black = (-torch.tensor(MEAN) / torch.tensor(STD)).to(device, images.dtype)
-        padded = black.view(1, 3, 1, 1).repeat(count, 1, size + 8, size + 8)
+    else:
+        padded = black_pixel(device, images.dtype).repeat(count, 1, size + 8, size + 8)
         padded[:, :, 4:-4, 4:-4] = images
     top = torch.randint(0, 9, (count, 1), device=device)
     left = torch.randint(0, 9, (count, 1), device=device)
